@@ -1,0 +1,188 @@
+"""Recipe -> DAG of stage nodes. Pure: no torch, no file reads (paths are only resolved as strings).
+
+Stage names are what users type (`--force distill`, `--until evaluate:baseline`):
+  data, teacher, student, distill, prune:<name>,
+  quantize:<config>, compile:<config>, evaluate:<config>, benchmark:<config>
+Configurations that share a (model, precision, quantization) path get equal keys, so the cache
+computes each distinct artifact once however many rows use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from optforge.errors import OptforgeError
+from optforge.recipe import Recipe, model_stage_name
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    kind: str
+    params: dict  # JSON-able; validated by the kind's params_model when keyed
+    inputs: dict[str, str] = field(default_factory=dict)  # role -> upstream stage name
+    data_files: dict[str, str] = field(default_factory=dict)  # role -> file path (fingerprinted)
+    config: Optional[str] = None  # the configuration (report row) this node belongs to, if any
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]  # topological order
+
+    def __post_init__(self):
+        self.by_name = {n.name: n for n in self.nodes}
+
+    def __getitem__(self, name: str) -> Node:
+        return self.by_name[name]
+
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def require(self, name: str) -> Node:
+        if name not in self.by_name:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise OptforgeError(f"no stage named {name!r}{hint} (stages: {', '.join(self.names())})")
+        return self.by_name[name]
+
+    def upstream(self, name: str) -> set[str]:
+        """`name` and everything it depends on."""
+        seen, todo = set(), [name]
+        while todo:
+            cur = todo.pop()
+            if cur not in seen:
+                seen.add(cur)
+                todo.extend(self.by_name[cur].inputs.values())
+        return seen
+
+    def downstream(self, name: str) -> set[str]:
+        """`name` and everything that depends on it."""
+        out = {name}
+        for n in self.nodes:  # topological order: one pass suffices
+            if any(i in out for i in n.inputs.values()):
+                out.add(n.name)
+        return out
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("OPTFORGE_DATA_ROOT", "data"))
+
+
+def resolve_dataset_dir(dataset: str, recipe_dir: Path | None = None) -> Path:
+    """Where a dataset folder lives: a path as written if it exists (relative to the recipe's folder
+    first), else a folder under the data root."""
+    p = Path(dataset).expanduser()
+    candidates = [p] if p.is_absolute() else [(recipe_dir or Path(".")) / p, Path(p), data_root() / p]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return data_root() / p
+
+
+def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
+    nodes: list[Node] = []
+    add = nodes.append
+
+    data = recipe.data
+    files: dict[str, str] = {}
+    if not data.dataset.startswith("hf:"):
+        base = resolve_dataset_dir(data.dataset, recipe_dir)
+        files = {"train": str(base / data.train), "eval": str(base / data.eval)}
+    add(Node("data", "data", data.model_dump(mode="json"), {}, files))
+    add(Node("teacher", "teacher", recipe.teacher.model_dump(mode="json"), {"data": "data"}))
+    if recipe.student is not None:
+        add(Node("student", "student", recipe.student.model_dump(mode="json"), {"teacher": "teacher"}))
+    if recipe.distill is not None:
+        add(Node("distill", "distill", recipe.distill.model_dump(mode="json"),
+                 {"student": "student", "teacher": "teacher", "data": "data"}))
+    # prune entries may prune each other; recipe validation guarantees the chain is acyclic
+    pending = list(recipe.prune)
+    while pending:
+        ready = [p for p in pending if p.model in ("teacher", "student")
+                 or f"prune:{p.model}" in {n.name for n in nodes}]
+        for p in ready:
+            params = p.model_dump(mode="json", exclude={"name", "model"})
+            inputs = {"model": model_stage_name(recipe, p.model), "data": "data"}
+            if p.recover is not None:
+                inputs["teacher"] = "teacher"
+            add(Node(f"prune:{p.name}", "prune", params, inputs))
+            pending.remove(p)
+        if not ready:  # unreachable after recipe validation; kept so a bug cannot loop forever
+            raise OptforgeError(f"prune entries form a cycle: {[p.name for p in pending]}")
+
+    quant = {q.name: q for q in recipe.quantize}
+    max_batch = max(recipe.benchmark.batch_sizes)
+    for c in recipe.configs:
+        src = model_stage_name(recipe, c.model)
+        if c.quantize is not None:
+            q = quant[c.quantize]
+            add(Node(f"quantize:{c.name}", "quantize",
+                     {"method": q.method, "group_size": q.group_size, "precision": c.precision},
+                     {"model": src}, config=c.name))
+            src = f"quantize:{c.name}"
+        if c.compile != "none":
+            add(Node(f"compile:{c.name}", "compile",
+                     {"mode": c.compile, "precision": c.precision, "max_length": data.max_length,
+                      "max_batch": max(max_batch, 64)},
+                     {"model": src}, config=c.name))
+            src = f"compile:{c.name}"
+        add(Node(f"evaluate:{c.name}", "evaluate", {"precision": c.precision},
+                 {"model": src, "data": "data"}, config=c.name))
+        bench = recipe.benchmark.model_dump(mode="json") | {"precision": c.precision}
+        add(Node(f"benchmark:{c.name}", "benchmark", bench, {"model": src, "data": "data"}, config=c.name))
+    return Graph(toposort(nodes))
+
+
+def toposort(nodes: Iterable[Node]) -> list[Node]:
+    """Stable topological order (declaration order among ready nodes). A cycle is named in the error."""
+    nodes = list(nodes)
+    by_name = {n.name: n for n in nodes}
+    for n in nodes:
+        for role, dep in n.inputs.items():
+            if dep not in by_name:
+                raise OptforgeError(f"stage {n.name!r} input {role!r} names unknown stage {dep!r}")
+    order: list[Node] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(n: Node, path: list[str]):
+        if state.get(n.name) == 2:
+            return
+        if state.get(n.name) == 1:
+            cycle = path[path.index(n.name):] + [n.name]
+            raise OptforgeError("stage graph has a cycle: " + " -> ".join(cycle))
+        state[n.name] = 1
+        for dep in n.inputs.values():
+            visit(by_name[dep], path + [n.name])
+        state[n.name] = 2
+        order.append(n)
+
+    for n in nodes:
+        visit(n, [])
+    return order
+
+
+def to_mermaid(g: Graph) -> str:
+    ids = {n.name: f"n{i}" for i, n in enumerate(g.nodes)}
+    lines = ["flowchart TD"]
+    for n in g.nodes:
+        lines.append(f'    {ids[n.name]}["{n.name}"]')
+    for n in g.nodes:
+        for role, dep in n.inputs.items():
+            lines.append(f"    {ids[dep]} -->|{role}| {ids[n.name]}")
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(g: Graph) -> str:
+    lines = ["digraph optforge {", "    rankdir=TB;", "    node [shape=box];"]
+    for n in g.nodes:
+        lines.append(f'    "{n.name}" [label="{n.name}\\n({n.kind})"];')
+    for n in g.nodes:
+        for role, dep in n.inputs.items():
+            lines.append(f'    "{dep}" -> "{n.name}" [label="{role}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,337 @@
+"""The recipe schema: one strict pydantic model per step kind. Defaults live here and nowhere else.
+
+Pure: no torch, no I/O. Reading YAML with node positions and turning pydantic errors into located
+`RecipeError`s is `optforge.recipe_io`'s job.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from optforge.errors import RecipeError
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+Precision = Literal["fp32", "bf16", "fp16"]
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
+QuantMethod = Literal[
+    "torch-int8-dynamic",  # PyTorch's own dynamic int8 for nn.Linear (CPU)
+    "int8-dynamic",  # torchao Int8DynamicActivationInt8WeightConfig
+    "int8-weight-only",  # torchao Int8WeightOnlyConfig
+    "int4-weight-only",  # torchao Int4WeightOnlyConfig(group_size)
+    "float8",  # torchao Float8DynamicActivationFloat8WeightConfig (GPUs with fp8, sm >= 8.9)
+]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSpec(Strict):
+    # A folder under the data root ($OPTFORGE_DATA_ROOT, default ./data), an absolute/relative folder,
+    # or a Hugging Face dataset id "hf:glue/sst2" (needs network or a local datasets cache).
+    dataset: str
+    train: str = "train.tsv"  # file inside `dataset` (tsv/csv/jsonl), or a split name for hf:
+    eval: str = "validation.tsv"
+    text: str = "sentence"
+    label: str = "label"
+    max_length: int = Field(64, ge=8, le=512)
+    max_train_samples: Optional[int] = Field(None, ge=2)
+    max_eval_samples: Optional[int] = Field(None, ge=2)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+class TrainSpec(Strict):
+    """Fine-tuning hyper-parameters shared by teacher fine-tuning, distillation and prune recovery."""
+
+    epochs: float = Field(3.0, gt=0, le=100)
+    lr: float = Field(5e-5, gt=0, lt=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    warmup: float = Field(0.06, ge=0, lt=1)  # fraction of optimizer steps
+    weight_decay: float = Field(0.01, ge=0, lt=1)
+    seed: int = 0
+    freeze_embeddings: bool = True  # word-embedding table: 30k x H; its AdamW update dominates CPU steps
+
+
+class RandomInitSpec(Strict):
+    """A BERT-style encoder built from a config with random weights (tests, tiny recipes)."""
+
+    num_layers: int = Field(2, ge=1, le=48)
+    hidden_size: int = Field(64, ge=8, le=4096)
+    num_heads: int = Field(2, ge=1, le=64)
+    intermediate_size: int = Field(128, ge=8, le=16384)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TeacherSpec(Strict):
+    # "pkg:<python_package>/<subdir>", "hf:<org/name>", or a local directory. Exactly one of model/config.
+    model: Optional[str] = None
+    config: Optional[RandomInitSpec] = None
+    tokenizer: Optional[str] = None  # defaults to `model`; required with `config`
+    pooling: Literal["cls", "mean"] = "mean"
+    trust_remote_code: bool = False
+    finetune: Optional[TrainSpec] = TrainSpec()
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.config is None):
+            raise ValueError("give exactly one of `model` (pkg:/hf:/path) or `config` (random init)")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("a random-init `config` needs a `tokenizer` (pkg:/hf:/path)")
+        return self
+
+
+class FromTeacherSpec(Strict):
+    layers: list[int] = Field(min_length=1)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layer indices must be unique, got {v}")
+        return sorted(v)
+
+
+class StudentSpec(Strict):
+    from_teacher: Optional[FromTeacherSpec] = None
+    config: Optional[RandomInitSpec] = None  # narrower/fewer layers; shares the teacher's tokenizer
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.from_teacher is None) == (self.config is None):
+            raise ValueError("give exactly one of `from_teacher: {layers: [...]}` or `config`")
+        return self
+
+
+class DistillSpec(TrainSpec):
+    """loss = alpha * KL(softmax(s/T) || softmax(t/T)) * T^2 + (1 - alpha) * CE(s, y)"""
+
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.7, ge=0, le=1)
+    lr: float = Field(1e-4, gt=0, lt=1)
+
+
+class PruneSpec(Strict):
+    name: str = Field(pattern=NAME_RE)
+    model: str = "student"  # teacher | student | another prune entry's name
+    method: Literal["structured", "unstructured"]
+    amount: float = Field(0.0, ge=0, lt=1)  # unstructured: fraction of Linear weights zeroed (L1)
+    heads: float = Field(0.0, ge=0, lt=1)  # structured: fraction of attention heads removed per layer
+    ffn: float = Field(0.0, ge=0, lt=1)  # structured: fraction of FFN channels removed per layer
+    recover: Optional[DistillSpec] = None  # recovery distillation from the teacher after pruning
+
+    @model_validator(mode="after")
+    def _amounts(self):
+        if self.method == "unstructured" and self.amount == 0:
+            raise ValueError("unstructured pruning needs `amount` > 0 (fraction of weights to zero)")
+        if self.method == "unstructured" and (self.heads or self.ffn):
+            raise ValueError("`heads`/`ffn` are for method: structured; use `amount` here")
+        if self.method == "structured" and self.heads == 0 and self.ffn == 0:
+            raise ValueError("structured pruning needs `heads` > 0 or `ffn` > 0")
+        if self.method == "structured" and self.amount:
+            raise ValueError("`amount` is for method: unstructured; use `heads`/`ffn` here")
+        return self
+
+
+class QuantizeSpec(Strict):
+    name: str = Field(pattern=NAME_RE)
+    method: QuantMethod
+    group_size: int = 128  # int4-weight-only only
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v not in (32, 64, 128, 256):
+            raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------- configurations & report
+
+
+class ConfigSpec(Strict):
+    """One row of the production-readiness table: a path model -> precision -> quantize -> compile."""
+
+    name: str = Field(pattern=NAME_RE)
+    model: str = "teacher"  # teacher | student | a prune entry's name
+    precision: Precision = "fp32"
+    quantize: Optional[str] = None  # a quantize entry's name
+    compile: CompileMode = "none"
+
+
+class BenchmarkSpec(Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    end_to_end: bool = True
+    fixed_length: Optional[int] = Field(None, ge=2, le=512)  # pad every input to this many tokens
+    warmup: int = Field(5, ge=0, le=1000)
+    min_runs: int = Field(20, ge=3, le=100000)
+    max_seconds: float = Field(3.0, gt=0, le=600)  # time box per (batch size, scope)
+    threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
+    seed: int = 0
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v):
+        if any(b < 1 or b > 65536 for b in v):
+            raise ValueError(f"batch sizes must be in 1..65536, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"batch sizes must be unique, got {v}")
+        return sorted(v)
+
+
+class GatesSpec(Strict):
+    max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # accuracy points below the baseline
+    min_speedup: float = Field(1.0, gt=0)  # end-to-end p50 speedup vs baseline, at every batch size
+    max_cv: float = Field(0.10, gt=0)  # coefficient of variation above which timing is "unstable"
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=NAME_RE)
+    data: DataSpec
+    teacher: TeacherSpec
+    student: Optional[StudentSpec] = None
+    distill: Optional[DistillSpec] = None
+    prune: list[PruneSpec] = Field(default_factory=list)
+    quantize: list[QuantizeSpec] = Field(default_factory=list)
+    configs: list[ConfigSpec] = Field(min_length=1)
+    baseline: Optional[str] = None  # a config name; defaults to the first config
+    benchmark: BenchmarkSpec = BenchmarkSpec()
+    gates: GatesSpec = GatesSpec()
+
+    # Cross-references are checked here so every consumer can trust them. Errors carry their key path.
+    @model_validator(mode="after")
+    def _references(self):
+        check_references(self)
+        return self
+
+    @property
+    def baseline_config(self) -> str:
+        return self.baseline or self.configs[0].name
+
+    def model_names(self) -> list[str]:
+        names = ["teacher"]
+        if self.student is not None:
+            names.append("student")
+        names += [p.name for p in self.prune]
+        return names
+
+
+RESERVED_MODEL_NAMES = ("teacher", "student")
+
+
+def _unique(items, what: str, section: str) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.name in seen:
+            raise RecipeError(f"duplicate {what} name {item.name!r} (first used at {section}[{seen[item.name]}])",
+                              (section, i, "name"))
+        seen[item.name] = i
+
+
+def check_references(r: Recipe) -> None:
+    _unique(r.prune, "prune", "prune")
+    _unique(r.quantize, "quantize", "quantize")
+    _unique(r.configs, "config", "configs")
+    if r.distill is not None and r.student is None:
+        raise RecipeError("`distill` needs a `student` section to distill into", ("distill",))
+    for i, p in enumerate(r.prune):
+        if p.name in RESERVED_MODEL_NAMES:
+            raise RecipeError(f"prune name {p.name!r} is reserved; pick another", ("prune", i, "name"))
+    models = r.model_names()
+    prune_model = {p.name: p.model for p in r.prune}
+    for i, p in enumerate(r.prune):
+        if p.model not in models:
+            raise RecipeError(_unknown("model", p.model, models), ("prune", i, "model"))
+        # a prune of a prune of ... must bottom out in teacher/student: name the cycle if it does not
+        chain, cur = [p.name], p.model
+        while cur in prune_model:
+            if cur in chain:
+                cycle = " -> ".join(chain[chain.index(cur):] + [cur])
+                raise RecipeError(f"prune entries form a cycle: {cycle}", ("prune", i, "model"))
+            chain.append(cur)
+            cur = prune_model[cur]
+    qnames = [q.name for q in r.quantize]
+    for i, c in enumerate(r.configs):
+        if c.model not in models:
+            raise RecipeError(_unknown("model", c.model, models), ("configs", i, "model"))
+        if c.quantize is not None and c.quantize not in qnames:
+            raise RecipeError(_unknown("quantize entry", c.quantize, qnames), ("configs", i, "quantize"))
+    if r.baseline is not None and r.baseline not in [c.name for c in r.configs]:
+        raise RecipeError(_unknown("config", r.baseline, [c.name for c in r.configs]), ("baseline",))
+
+
+def _unknown(what: str, value: str, known: list[str]) -> str:
+    import difflib
+
+    msg = f"unknown {what} {value!r}"
+    close = difflib.get_close_matches(value, known, n=1)
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    if known:
+        msg += f" (known: {', '.join(known)})"
+    else:
+        msg += " (none are defined)"
+    return msg
+
+
+def model_stage_name(recipe: Recipe, model: str) -> str:
+    """The stage that produces the named model."""
+    if model == "teacher":
+        return "teacher"
+    if model == "student":
+        return "distill" if recipe.distill is not None else "student"
+    return f"prune:{model}"
+
+
+
+# --------------------------------------------------------------------------- per-stage parameter models
+# Stages whose parameters are not a recipe section verbatim. `optforge.graph` fills them from the recipe.
+
+
+class PruneParams(Strict):
+    method: Literal["structured", "unstructured"]
+    amount: float = Field(0.0, ge=0, lt=1)
+    heads: float = Field(0.0, ge=0, lt=1)
+    ffn: float = Field(0.0, ge=0, lt=1)
+    recover: Optional[DistillSpec] = None
+
+
+class QuantizeParams(Strict):
+    method: QuantMethod
+    group_size: int = 128
+    precision: Precision = "fp32"
+
+
+class CompileParams(Strict):
+    mode: CompileMode
+    precision: Precision = "fp32"
+    max_length: int = 64  # longest sequence the compiled artifact must accept
+    max_batch: int = 32  # largest batch it must accept
+
+
+class EvaluateParams(Strict):
+    precision: Precision = "fp32"
+    batch_size: int = Field(64, ge=1)
+
+
+class BenchmarkParams(BenchmarkSpec):
+    precision: Precision = "fp32"

@@ -1,0 +1,98 @@
+"""The contract between the engine and a stage kind.
+
+A stage is a pure function of its parameters and its input artifacts: `run(ctx) -> metrics`. It writes
+only into `ctx.out` (an empty temporary directory the engine renames into the cache when `run`
+returns). Everything the engine needs to know is declared on the `StageKind`: kind, code version,
+parameter model, whether it is hardware-bound, which library versions enter its key.
+
+Stage *modules* (optforge/stages/<kind>.py) import torch inside `run` only, so that importing the
+registry stays cheap (validate / plan / no-op build never import torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class StageKind:
+    kind: str
+    version: str  # bump when the stage's outputs change for the same inputs
+    params_model: type[BaseModel]
+    run: Callable[["StageContext"], dict]
+    hardware_bound: bool = False  # device fingerprint enters the key (compile, benchmark...)
+    uses_torch: bool = True  # torch/transformers/torchao versions enter the key
+
+
+@dataclass
+class StageContext:
+    name: str  # e.g. "evaluate:baseline"
+    kind: str
+    params: BaseModel  # validated parameters of this stage
+    inputs: dict[str, Path]  # role -> upstream artifact directory (read-only)
+    input_metrics: dict[str, dict]  # role -> upstream manifest "metrics"
+    out: Path  # empty directory; everything the stage produces goes here
+    device: str  # "cpu" | "cuda"
+    data_files: dict[str, Path] = field(default_factory=dict)  # role -> data file (fingerprinted)
+    progress: Optional[Callable[..., Any]] = None  # progress(iterable=None, total=None, desc=str) -> tqdm-like
+    log: Callable[[str], None] = print
+
+    def bar(self, iterable=None, total=None, desc: str = ""):
+        """A progress bar (tqdm on a terminal, silent otherwise) for long loops."""
+        if self.progress is None:
+            return iterable if iterable is not None else _NullBar()
+        return self.progress(iterable=iterable, total=total, desc=desc)
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# kind -> "module:attribute" of its StageKind. Modules are imported lazily (they import torch).
+_KINDS: dict[str, str] = {
+    "data": "optforge.stages.data:KIND",
+    "teacher": "optforge.stages.teacher:KIND",
+    "student": "optforge.stages.student:KIND",
+    "distill": "optforge.stages.distill:KIND",
+    "prune": "optforge.stages.prune:KIND",
+    "quantize": "optforge.stages.quantize:KIND",
+    "compile": "optforge.stages.compile:KIND",
+    "evaluate": "optforge.stages.evaluate:KIND",
+    "benchmark": "optforge.stages.benchmark:KIND",
+}
+
+
+def known_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def register(kind: str, target: str) -> None:
+    """Plugins register a kind as "package.module:ATTRIBUTE" (imported only when that kind is used)."""
+    _KINDS[kind] = target
+
+
+def get_kind(kind: str) -> StageKind:
+    from optforge.errors import OptforgeError
+
+    if kind not in _KINDS:
+        raise OptforgeError(f"unknown stage kind {kind!r} (known: {', '.join(known_kinds())})")
+    module, attr = _KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), attr)
