@@ -1,0 +1,153 @@
+"""Known peak FLOP/s per device and precision, for "% of hardware peak" in the benchmark. No torch.
+
+GPU numbers are the vendors' *dense* datasheet peaks (no 2:4 sparsity), in FLOP/s. They are upper
+bounds nobody reaches: on an H100 SXM a large bf16 matmul (8192^3) measures about 790 TFLOP/s,
+80% of the 989 TFLOP/s spec. We divide by the spec (`source: "spec"`) so numbers are comparable
+across machines; the report says so. "fp32" on a GPU means the non-tensor-core FP32 peak (PyTorch
+does not use TF32 for matmuls unless asked to).
+
+The CPU peak is computed from /proc/cpuinfo, assuming two FMA units per core (true for the
+Intel server cores and AMD Zen 5 parts with AVX-512 we meet; Zen 4 runs 512-bit FMAs at half rate,
+so this is an upper bound there):
+
+    fp32 peak = cores x GHz x 2 FMA units x lanes (16 with AVX-512, 8 with AVX2) x 2 flop/FMA
+    bf16 peak = AMX: 1024 flop/cycle/core; AVX512_BF16 (VDPBF16PS): 2 x fp32; else None
+    int8 peak = AMX: 2048 op/cycle/core; AVX512_VNNI: 4 x fp32; else None
+    fp16 peak = AVX512_FP16: 2 x fp32; else None
+
+Unknown device or precision -> None (the report shows "n/a", never a guess).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+T = 1e12
+
+# (name substrings, any of which identifies the part; lower-case) -> precision -> dense FLOP/s.
+# Order matters: more specific names first ("h100 pcie" before "h100").
+GPU_PEAKS: list[tuple[tuple[str, ...], str, dict[str, float]]] = [
+    (("h200 nvl",), "NVIDIA H200 NVL",
+     {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
+      "int8": 1670.5 * T}),
+    (("h200",), "NVIDIA H200 (SXM)",
+     {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
+      "int8": 1978.9 * T}),
+    (("h100 pcie",), "NVIDIA H100 PCIe",
+     {"fp32": 51.2 * T, "tf32": 378 * T, "bf16": 756 * T, "fp16": 756 * T, "fp8": 1513 * T, "int8": 1513 * T}),
+    (("h100 nvl",), "NVIDIA H100 NVL",
+     {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
+      "int8": 1670.5 * T}),
+    (("h100",), "NVIDIA H100 SXM",
+     {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
+      "int8": 1978.9 * T}),
+    (("a100",), "NVIDIA A100",
+     {"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T, "int8": 624 * T}),
+    (("l4",), "NVIDIA L4",
+     {"fp32": 30.3 * T, "tf32": 60 * T, "bf16": 121 * T, "fp16": 121 * T, "fp8": 242.5 * T, "int8": 242.5 * T}),
+]
+
+# Achievable rather than spec, measured on the lender's H100/H200 (8192^3 bf16 matmul). Reported
+# next to the spec number so readers can judge; % of peak is always against the spec.
+MEASURED_BF16 = {"NVIDIA H100 SXM": 790 * T, "NVIDIA H200 (SXM)": 790 * T}
+
+
+def gpu_peak(name: str, precision: str) -> Optional[dict]:
+    """{"peak_flops", "part", "source", "measured_flops"} for a CUDA device name, or None if unknown."""
+    low = name.lower()
+    for keys, part, peaks in GPU_PEAKS:
+        if any(k in low for k in keys):
+            if precision not in peaks:
+                return None
+            measured = MEASURED_BF16.get(part) if precision == "bf16" else None
+            return {"peak_flops": peaks[precision], "part": part, "source": "spec (dense)",
+                    "measured_flops": measured}
+    return None
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+def parse_cpuinfo(text: str) -> dict:
+    """Model name, physical cores, logical CPUs, max MHz and the ISA flags we care about."""
+    blocks = [b for b in text.strip().split("\n\n") if b.strip()]
+    name, mhz, flags = None, 0.0, set()
+    cores: set[tuple[str, str]] = set()
+    for b in blocks:
+        fields = {}
+        for line in b.splitlines():
+            if ":" in line:
+                k, v = line.split(":", 1)
+                fields[k.strip()] = v.strip()
+        name = name or fields.get("model name")
+        try:
+            mhz = max(mhz, float(fields.get("cpu MHz", 0) or 0))
+        except ValueError:
+            pass
+        if "flags" in fields and not flags:
+            flags = set(fields["flags"].split())
+        if "core id" in fields:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    logical = sum(1 for b in blocks if "processor" in b)
+    keep = ["fma", "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
+            "amx_int8", "amx_tile"]
+    return {
+        "name": name,
+        "cores": len(cores) or logical or None,
+        "logical_cpus": logical or None,
+        "mhz": mhz or None,
+        "flags": [f for f in keep if f in flags],
+    }
+
+
+def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
+    try:
+        info = parse_cpuinfo(Path(cpuinfo_path).read_text())
+    except OSError:
+        info = {"name": None, "cores": os.cpu_count(), "logical_cpus": os.cpu_count(), "mhz": None,
+                "flags": []}
+    info["kind"] = "cpu"
+    return info
+
+
+def cpu_peak(info: dict, precision: str, threads: Optional[int] = None) -> Optional[dict]:
+    """Peak FLOP/s of the cores the benchmark used (min(threads, physical cores)), or None."""
+    flags = set(info.get("flags") or [])
+    cores, mhz = info.get("cores"), info.get("mhz")
+    if not cores or not mhz or "fma" not in flags:
+        return None
+    used = min(threads, cores) if threads else cores
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+    if lanes is None:
+        return None
+    per_cycle_fp32 = 2 * lanes * 2  # 2 FMA units x lanes x 2 flop
+    per_cycle = {
+        "fp32": per_cycle_fp32,
+        "bf16": 1024 if "amx_bf16" in flags else 2 * per_cycle_fp32 if "avx512_bf16" in flags else None,
+        "fp16": 2 * per_cycle_fp32 if "avx512_fp16" in flags else None,
+        "int8": 2048 if "amx_int8" in flags else 4 * per_cycle_fp32 if "avx512_vnni" in flags else None,
+    }.get(precision)
+    if per_cycle is None:
+        return None
+    isa = ("AMX" if per_cycle >= 1024 else {"bf16": "AVX512_BF16", "fp16": "AVX512_FP16",
+                                            "int8": "AVX512_VNNI"}.get(precision)
+           or ("AVX-512" if lanes == 16 else "AVX2"))
+    return {"peak_flops": used * mhz * 1e6 * per_cycle, "part": info.get("name") or "cpu",
+            "source": f"computed: {used} cores x {mhz / 1000:.2f} GHz x {per_cycle} {precision} flop/cycle/core ({isa})",
+            "measured_flops": None}
+
+
+def peak(device: dict, precision: str, threads: Optional[int] = None) -> Optional[dict]:
+    """Peak for a device description ({"kind": "cpu", flags...} or {"kind": "cuda", "name"}) and a
+    compute precision ("fp32", "bf16", "fp16", "fp8", "int8")."""
+    if device.get("kind") == "cuda":
+        return gpu_peak(device.get("name") or "", precision)
+    if device.get("kind") == "cpu":
+        return cpu_peak(device, precision, threads)
+    return None
+
+
+def has_amx(device: dict) -> bool:
+    return "amx_bf16" in (device.get("flags") or [])

