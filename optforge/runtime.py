@@ -1,0 +1,191 @@
+"""Load any model artifact as a `Runnable`: one door for evaluate, benchmark and serve.
+
+`load_runnable` reads optforge_model.json and dispatches on its "format" through `FORMATS`
+(format -> "module:function"). Every loader has the signature of `load_runnable` itself:
+
+    loader(artifact_dir: Path, device: str, precision: str) -> Runnable
+
+Loaders for non-float formats build a `Runnable` from whatever callable they produce:
+`Runnable(fn, tokenizer, meta, device, module=<nn.Module to inspect>, ...)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from optforge.errors import OptforgeError
+from optforge.modeling import (META, PRECISION_DTYPES, TOKENIZER_DIR, load_classifier, read_meta,  # noqa: F401
+                               save_classifier)
+
+FORMATS: dict[str, str] = {
+    "float": "optforge.runtime:_load_float",
+    "torch-int8-dynamic": "optforge.stages.quantize:load_quantized",
+    "torchao": "optforge.stages.quantize:load_quantized",
+    "aoti": "optforge.stages.compile:load_compiled",
+    "compiled": "optforge.stages.compile:load_compiled",
+}
+
+
+def load_runnable(artifact_dir, device: str, precision: str = "fp32") -> "Runnable":
+    meta = read_meta(artifact_dir)
+    fmt = meta.get("format")
+    if fmt not in FORMATS:
+        raise OptforgeError(f"{artifact_dir}: unknown model format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
+    module, func = FORMATS[fmt].split(":")
+    return getattr(importlib.import_module(module), func)(Path(artifact_dir), device, precision)
+
+
+def _load_float(artifact_dir: Path, device: str, precision: str = "fp32") -> "Runnable":
+    if precision not in PRECISION_DTYPES:
+        raise OptforgeError(f"unknown precision {precision!r} (known: {', '.join(PRECISION_DTYPES)})")
+    model, tokenizer, meta = load_classifier(artifact_dir)
+    model = model.to(device=device, dtype=PRECISION_DTYPES[precision]).eval()
+    return Runnable(model, tokenizer, meta, device, precision=precision, artifact_dir=artifact_dir,
+                    description=f"float {precision}")
+
+
+class Runnable:
+    """A loaded model plus everything needed to feed it text.
+
+    `fn(input_ids, attention_mask) -> logits` is what runs (an nn.Module, a compiled or AOTI callable);
+    `module` is an nn.Module with the model's layers for param_count/flops_per_token (defaults to `fn`
+    when that is a module). Everything else comes from the artifact's `meta` (optforge_model.json).
+    """
+
+    def __init__(self, fn: Callable, tokenizer, meta: dict, device, *, precision: Optional[str] = None,
+                 module: Optional[nn.Module] = None, artifact_dir=None, description: Optional[str] = None):
+        self.fn = fn
+        self.module = module if module is not None else (fn if isinstance(fn, nn.Module) else None)
+        self.tokenizer = tokenizer
+        self.meta = dict(meta)
+        self.device = torch.device(device)
+        self.precision = precision or meta.get("precision", "fp32")
+        self.max_length = int(meta["max_length"])
+        self.num_labels = int(meta["num_labels"])
+        self.label_names = list(meta.get("label_names") or [str(i) for i in range(self.num_labels)])
+        self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
+        self.description = description or f"{meta.get('format', '?')} {self.precision}"
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ---- text -> tensors
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated at max_length (no padding)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def collate(self, ids: list[list[int]], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Pad token-id lists to the longest (or to `pad_to`) and move them to the device."""
+        from optforge.training import pad_batch
+
+        input_ids, mask = pad_batch(ids, self.pad_id, pad_to)
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def encode(self, texts: list[str], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+        return self.collate(self.tokenize(texts), pad_to)
+
+    # ---- tensors -> logits -> predictions
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.fn(batch["input_ids"], batch["attention_mask"]).float()
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """[{"label": int, "label_name": str, "probabilities": [float, ...]}] per text."""
+        probs = torch.softmax(self.forward(self.encode(texts)), dim=-1).cpu()
+        out = []
+        for row in probs.tolist():
+            label = max(range(len(row)), key=row.__getitem__)
+            out.append({"label": label, "label_name": self.label_names[label], "probabilities": row})
+        return out
+
+    # ---- size and cost
+    def param_count(self) -> tuple[int, int]:
+        """(total, nonzero) over every weight tensor, quantized/packed ones included."""
+        if self.module is None:
+            return int(self.meta.get("params", 0)), int(self.meta.get("nonzero_params", 0))
+        total = nonzero = 0
+        for t in _state_tensors(self.module.state_dict()):
+            n, nz = _count(t)
+            total += n
+            nonzero += nz
+        return total, nonzero
+
+    @property
+    def size_bytes(self) -> int:
+        """On-disk size of the artifact's weights (everything but the tokenizer and JSON metadata)."""
+        if self.artifact_dir is None:
+            return sum(t.numel() * t.element_size() for t in _state_tensors(self.module.state_dict())) \
+                if self.module is not None else 0
+        total = 0
+        for root, _dirs, files in os.walk(self.artifact_dir):
+            rel = Path(root).relative_to(self.artifact_dir)
+            if rel.parts and rel.parts[0] == TOKENIZER_DIR:
+                continue
+            total += sum(os.path.getsize(Path(root) / f) for f in files if not f.endswith(".json"))
+        return total
+
+    def flops_per_token(self, seq_len: int) -> Optional[float]:
+        """Forward FLOPs (2·MACs) per token at this sequence length: every Linear-like layer of the encoder,
+        plus the attention matmuls (QK^T and AV: 2·seq_len·width MACs per token per layer), plus the
+        head once per sequence. None when there is no module to read shapes from."""
+        if self.module is None:
+            return None
+        return flops_per_token(self.module, seq_len)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    from optforge.modeling import TextClassifier, layer_shapes
+
+    head = model.head if isinstance(model, TextClassifier) else None
+    linear_macs = 0
+    for m in model.modules():
+        if m is head:
+            continue
+        shape = _linear_shape(m)
+        if shape is not None:
+            linear_macs += shape[0] * shape[1]
+    attn_macs = sum(2 * seq_len * layer.get("attention_width", 0) for layer in layer_shapes(model))
+    head_macs = 0
+    if head is not None:
+        shape = _linear_shape(head)
+        head_macs = shape[0] * shape[1] / max(seq_len, 1)
+    return float(2 * (linear_macs + attn_macs + head_macs))
+
+
+def _linear_shape(m: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) of nn.Linear and of quantized/wrapped Linear variants that keep in/out_features."""
+    if isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features")
+                                    and isinstance(getattr(m, "in_features"), int)):
+        return int(m.in_features), int(m.out_features)
+    return None
+
+
+def _state_tensors(state: dict):
+    """Tensors of a state dict, unpacking the (weight, bias) tuples of dynamically quantized Linears."""
+    for v in state.values():
+        yield from _flatten(v)
+
+
+def _flatten(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, (tuple, list)):
+        for x in v:
+            yield from _flatten(x)
+
+
+def _count(t: torch.Tensor) -> tuple[int, int]:
+    n = t.numel()
+    try:
+        if t.is_quantized:
+            return n, int(torch.count_nonzero(t.int_repr()))
+        return n, int(torch.count_nonzero(t))
+    except (RuntimeError, NotImplementedError, TypeError):
+        try:  # tensor subclasses (torchao) that cannot count in place
+            return n, int(torch.count_nonzero(t.dequantize()))
+        except Exception:  # noqa: BLE001 - an uncountable tensor counts as dense
+            return n, n

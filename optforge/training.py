@@ -1,0 +1,216 @@
+"""The training loop shared by teacher fine-tuning, distillation and prune recovery.
+
+Reads top to bottom: tokenize once -> length-bucketed batches padded to each batch's longest ->
+AdamW with linear warmup/decay -> (cross-entropy | distillation) loss -> evaluate.
+SST-2 sentences average ~13 tokens: padding every batch to max_length would waste most of the compute,
+so batches group sentences of similar length (`length_bucketed_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------- batching
+
+
+def configure_threads() -> int:
+    """Use every core for intra-op parallelism (the default can be fewer)."""
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                            chunk_batches: int = 50) -> list[list[int]]:
+    """Index batches whose members have similar lengths, in random order.
+
+    Shuffle all indices, cut them into chunks of `chunk_batches` batches, sort each chunk by length and
+    slice it into batches, then shuffle the batch order. Randomness stays (chunks are random), padding
+    mostly goes (a batch spans a narrow length range)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * chunk_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Deterministic length-sorted batches for inference (least padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, pad_to: Optional[int] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, T] with T = the longest sequence, or `pad_to` (>= the longest)."""
+    width = max(len(s) for s in seqs)
+    if pad_to is not None:
+        width = max(width, pad_to)
+    ids = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
+    mask = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- losses & optimizer
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE(s, y).
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al.)."""
+    T = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1),
+                    reduction="batchmean") * (T * T)
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * soft + (1 - alpha) * hard
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and LayerNorm weights (1-d tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to lr over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def freeze_word_embeddings(model: nn.Module) -> int:
+    """Stop training the word-embedding table (vocab x hidden: its AdamW update dominates a CPU step).
+    Returns the number of frozen parameters."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name.endswith("word_embeddings.weight"):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+# --------------------------------------------------------------------------- train / predict
+
+
+def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, device: str, pad_id: int,
+          teacher_logits: Optional[torch.Tensor] = None, temperature: float = 1.0, alpha: float = 0.0,
+          bar: Optional[Callable] = None, desc: str = "train") -> dict:
+    """Train `model` in place on pre-tokenized examples with a TrainSpec/DistillSpec `spec`.
+
+    With `teacher_logits` ([N, C], row i = example i) the loss is `distillation_loss`, else cross-entropy.
+    Fractional epochs are allowed: training stops after ceil(epochs * batches_per_epoch) steps."""
+    configure_threads()
+    set_seed(spec.seed)
+    model.to(device).train()
+    if spec.freeze_embeddings:
+        freeze_word_embeddings(model)
+    optimizer = make_optimizer(model, spec.lr, spec.weight_decay)
+    per_epoch = math.ceil(len(ids) / spec.batch_size)
+    total = max(1, math.ceil(spec.epochs * per_epoch))
+    scheduler = linear_schedule(optimizer, int(spec.warmup * total), total)
+    lengths = [len(s) for s in ids]
+    rng = random.Random(spec.seed)
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+
+    progress = bar(total=total, desc=desc) if bar is not None else None
+    losses: list[float] = []
+    seen = 0
+    start = time.perf_counter()
+    while len(losses) < total:
+        for batch in length_bucketed_batches(lengths, spec.batch_size, rng):
+            if len(losses) == total:
+                break
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            y = labels_t[batch].to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(input_ids, mask)
+            logits = logits.float()
+            if teacher_logits is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                loss = distillation_loss(logits, teacher_logits[batch].to(device), y, temperature, alpha)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            seen += len(batch)
+            if progress is not None:
+                progress.update(1)
+                if len(losses) % 10 == 0 or len(losses) == total:
+                    progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    elapsed = time.perf_counter() - start
+    if progress is not None:
+        progress.close()
+    model.eval()
+    tail = losses[-max(1, min(50, len(losses) // 10)):]
+    return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
+            "first_loss": losses[0], "steps": len(losses), "examples": seen,
+            "train_time_s": elapsed, "examples_per_s": seen / elapsed if elapsed > 0 else None}
+
+
+def predict_logits(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: list[list[int]],
+                   pad_id: int, device, batch_size: int = 64, pad_to: Optional[int] = None) -> torch.Tensor:
+    """Logits [N, C] (float32, CPU, input order) from `forward(input_ids, attention_mask)`, run over
+    length-sorted batches with dynamic padding, under inference_mode."""
+    out: list[Optional[torch.Tensor]] = [None] * len(ids)
+    with torch.inference_mode():
+        for batch in sorted_batches([len(s) for s in ids], batch_size):
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad_id, pad_to)
+            logits = forward(input_ids.to(device), mask.to(device)).float().cpu()
+            for row, i in zip(logits, batch):
+                out[i] = row
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict:
+    """{"accuracy" (0-1), "macro_f1", "n"}. Macro-F1 averages per-class F1 over the classes that occur in
+    the labels or the predictions (a class that is neither has no defined F1)."""
+    n = len(labels)
+    correct = sum(int(p == y) for p, y in zip(predictions, labels))
+    f1s = []
+    for c in range(num_labels):
+        tp = sum(1 for p, y in zip(predictions, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(predictions, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(predictions, labels) if p != c and y == c)
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": correct / n if n else 0.0, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0, "n": n}
+
+
+def evaluate_model(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int, device: str,
+                   batch_size: int = 64) -> dict:
+    model.eval()
+    logits = predict_logits(model, ids, pad_id, device, batch_size)
+    return classification_metrics(logits.argmax(-1).tolist(), labels, logits.shape[-1])
