@@ -1,0 +1,281 @@
+"""The content-addressed store. `$OPTFORGE_CACHE` or `./.optforge/`:
+
+    objects/<key[:2]>/<key>/   artifact files + manifest.json (written last)
+    tmp/<pid>-<random>/        outputs in progress; garbage once their pid is gone
+    locks/<recipe>.lock        flock: one build of a recipe at a time (holds the builder's pid)
+    recipes.json               lock files of known recipes (what `gc` keeps alive)
+    fingerprints.json          sha256 memo by path+size+mtime_ns (optforge.fingerprint.FileHashes)
+    device.json                device probe, once per boot
+
+Trust rule: an entry is trusted only through its manifest, which is written and fsynced after every
+artifact file and before the atomic rename into objects/. A SIGKILL at any moment leaves either a
+complete entry or a tmp dir nobody reads. Directories are named by keys, never by user strings.
+
+Verification policy (keeps a no-op build fast while never loading a damaged file):
+  * every plan: manifest present, and each file's size and mtime_ns as recorded; a file whose mtime
+    moved is re-hashed (through the memo) and compared with the manifest's sha256.
+  * before a running stage consumes an upstream entry: every file's sha256 (`deep=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+from optforge.errors import CacheError
+from optforge.fingerprint import FileHashes, file_sha256, read_json, write_json_atomic
+from optforge.plan import EntryState
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+_LOCK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("OPTFORGE_CACHE") or ".optforge")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Cache:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else default_root()
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        self.hashes = FileHashes(self.root / "fingerprints.json")
+
+    # ------------------------------------------------------------------ entries
+
+    def entry_dir(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise CacheError(f"not a stage key: {key!r}")
+        return self.objects / key[:2] / key
+
+    def manifest(self, key: str) -> Optional[dict]:
+        m = read_json(self.entry_dir(key) / MANIFEST)
+        if not isinstance(m, dict) or m.get("key") != key or m.get("status") not in ("ok", "failed"):
+            return None
+        return m
+
+    def state(self, key: str, deep: bool = False) -> EntryState:
+        """How far an entry can be trusted (see the module docstring for what `deep` adds)."""
+        m = self.manifest(key)
+        if m is None:
+            return EntryState("missing")
+        if m["status"] == "failed":
+            return EntryState("failed", m.get("reason") or "failed", m.get("metrics") or {})
+        base = self.entry_dir(key)
+        for rel, info in sorted(m.get("files", {}).items()):
+            try:
+                st = (base / rel).stat()
+            except OSError:
+                return EntryState("corrupted", f"{rel} missing")
+            if st.st_size != info["size"]:
+                return EntryState("corrupted", f"{rel} size mismatch ({st.st_size} bytes, expected {info['size']})")
+            if deep or st.st_mtime_ns != info.get("mtime_ns"):
+                # deep: hash for real; else the memo spares re-hashing a file that was only touched
+                digest = file_sha256(base / rel) if deep else self.hashes.sha256(base / rel)
+                if digest != info["sha256"]:
+                    return EntryState("corrupted", f"{rel} sha256 mismatch")
+        return EntryState("ok", None, m.get("metrics") or {})
+
+    def new_tmp(self) -> Path:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        path = self.tmp / f"{os.getpid()}-{secrets.token_hex(6)}"
+        path.mkdir()
+        return path
+
+    def commit(self, tmp: Path, key: str, *, status: str, metrics: dict, reason: Optional[str],
+               kind: str, stage: str, replace: bool = False) -> EntryState:
+        """Seal `tmp` as the entry for `key`: manifest last, fsync, atomic rename. When the entry
+        already exists (another build got there first) ours is discarded, unless `replace`."""
+        files = {}
+        if status == "ok":
+            for p in sorted(tmp.rglob("*")):
+                if p.is_symlink():
+                    raise CacheError(f"stage {stage!r} wrote a symlink ({p.relative_to(tmp)}); "
+                                     "artifacts must be self-contained files")
+                if p.is_file() and p.relative_to(tmp).as_posix() != MANIFEST:
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+                    st = p.stat()
+                    files[p.relative_to(tmp).as_posix()] = {
+                        "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(p)}
+        else:  # a failed stage leaves no artifact, only its reason
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+        manifest = {"format": MANIFEST_FORMAT, "key": key, "kind": kind, "stage": stage, "status": status,
+                    "reason": reason, "metrics": metrics, "files": files}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, sort_keys=True, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+
+        target = self.entry_dir(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            if replace or self.state(key).status not in ("ok", "failed"):
+                self.evict(key)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return self.state(key)
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build sealed the same key first
+        _fsync_dir(target.parent)
+        return self.state(key)
+
+    def evict(self, key: str) -> None:
+        """Remove an entry: rename it out of objects/ first, so nobody sees it half-deleted."""
+        target = self.entry_dir(key)
+        if not target.exists():
+            return
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        trash = self.tmp / f"{os.getpid()}-evict-{secrets.token_hex(6)}"
+        try:
+            os.rename(target, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def keys(self) -> Iterator[str]:
+        if not self.objects.is_dir():
+            return
+        for shard in sorted(self.objects.iterdir()):
+            if shard.is_dir():
+                for entry in sorted(shard.iterdir()):
+                    if _KEY.match(entry.name):
+                        yield entry.name
+
+    def sweep_tmp(self) -> list[Path]:
+        """Delete tmp dirs left by dead processes (killed builds)."""
+        removed = []
+        if self.tmp.is_dir():
+            for d in self.tmp.iterdir():
+                pid = d.name.split("-", 1)[0]
+                if not pid.isdigit() or not _pid_alive(int(pid)):
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+        return removed
+
+    # ------------------------------------------------------------------ locks
+
+    @contextlib.contextmanager
+    def recipe_lock(self, name: str, wait: bool = False):
+        """One build of a recipe at a time. Fails at once, naming the holder's pid, unless `wait`."""
+        if not _LOCK_NAME.match(name):
+            raise CacheError(f"recipe name {name!r} cannot name a lock file")
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / f"{name}.lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                raise CacheError(f"another build of {name!r} is running (pid {pid}); "
+                                 "wait for it to finish or pass --wait") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _exclusive(self, lockname: str):
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / lockname, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ registry of recipe lock files
+
+    def registered(self) -> list[str]:
+        return sorted((read_json(self.root / "recipes.json", {}) or {}).get("lockfiles", []))
+
+    def register(self, lockfile: Path) -> None:
+        path = str(Path(lockfile).absolute())
+        if path in self.registered():  # the common case, and a no-op build must not write
+            return
+        with self._exclusive(".registry"):  # read-modify-write across concurrent builds
+            known = set(self.registered()) | {path}
+            write_json_atomic(self.root / "recipes.json", {"lockfiles": sorted(known)}, indent=1)
+
+    def unregister(self, lockfile: Path) -> bool:
+        path = str(Path(lockfile).absolute())
+        with self._exclusive(".registry"):
+            known = self.registered()
+            if path not in known:
+                return False
+            known.remove(path)
+            write_json_atomic(self.root / "recipes.json", {"lockfiles": known}, indent=1)
+            return True
+
+    # ------------------------------------------------------------------ gc
+
+    def gc(self, dry_run: bool = False) -> tuple[list[str], list[str]]:
+        """Remove entries no registered lock file refers to. Returns (removed keys, kept keys).
+        Refuses while any build holds a recipe lock: its newest entries may not be in a lock file yet."""
+        from optforge.lockfile import read_lock
+
+        held = []
+        with contextlib.ExitStack() as stack:
+            for lock in sorted(self.locks.glob("*.lock")) if self.locks.is_dir() else []:
+                f = stack.enter_context(open(lock, "a+"))
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(lock.stem)
+            if held:
+                raise CacheError(f"a build is running ({', '.join(held)}); run gc when it has finished")
+            keep: set[str] = set()
+            live = []
+            for lockfile in self.registered():
+                lock = read_lock(Path(lockfile))
+                if lock is None:
+                    continue  # the recipe's lock file is gone: nothing of it is kept alive
+                live.append(lockfile)
+                keep |= {s["key"] for s in lock.get("stages", {}).values() if "key" in s}
+            removed = [k for k in self.keys() if k not in keep]
+            if not dry_run:
+                for k in removed:
+                    self.evict(k)
+                self.sweep_tmp()
+                if live != self.registered():
+                    write_json_atomic(self.root / "recipes.json", {"lockfiles": live}, indent=1)
+            return removed, sorted(keep & set(self.keys()))

@@ -1,0 +1,183 @@
+"""Thin Click commands: each translates flags into one call and prints its result.
+
+Errors a user can fix (OptforgeError) become one clear line on stderr and exit 2 -- `FILE:LINE:COL:
+error: ...` for a recipe. Anything else is our bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from optforge import __version__
+from optforge.errors import OptforgeError, RecipeError
+
+DEVICE_HELP = ("auto: cuda when an NVIDIA driver is present, CUDA_VISIBLE_DEVICES does not hide the GPUs "
+               "and torch is a CUDA build (checked without importing torch), else cpu.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             show_default=True, help=DEVICE_HELP)
+
+
+def user_errors(fn):
+    """OptforgeError -> its message on stderr (every located line for a multi-error recipe), exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OptforgeError as e:
+            if isinstance(e, RecipeError):
+                lines = e.lines() if hasattr(e, "lines") else [e.located()]
+            else:
+                lines = [f"error: {e}"]
+            for line in lines:
+                click.echo(line, err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="optforge")
+def main():
+    """optforge: a make-style build that turns a trained model into a small, fast one."""
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True)
+@user_errors
+def validate(recipes):
+    """Check recipes without running anything (schema, references, data files)."""
+    from optforge.recipe_io import load_and_check
+
+    for recipe in recipes:
+        loaded, graph = load_and_check(recipe, recipe)
+        click.echo(f"ok: {recipe} ({loaded.recipe.name}: {len(graph.nodes)} stages)")
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {stages: [...]}.")
+@click.option("--verify", is_flag=True, help="Hash every cached file (slower) instead of size+mtime.")
+@device_option
+@user_errors
+def plan(recipe, as_json, verify, device):
+    """Stages in execution order, fresh or stale, and why."""
+    from optforge.run import verify_all
+    from optforge.session import open_session
+
+    session = open_session(recipe, device, display=recipe)
+    plans = session.plan()
+    if verify:
+        verify_all(session, plans)
+    session.save_hashes()
+    if as_json:
+        click.echo(json.dumps({"stages": [p.to_json() for p in plans]}, indent=1))
+        return
+    width = max(len(p.name) for p in plans)
+    for p in plans:
+        click.echo(f"{p.status:<6} {p.name:<{width}}  {'; '.join(p.reasons)}".rstrip())
+    stale = sum(p.status == "stale" for p in plans)
+    click.echo(f"{stale} stale, {len(plans) - stale} fresh")
+
+
+@main.command()
+@click.argument("recipe")
+@device_option
+@click.option("--force", multiple=True, metavar="STAGE", help="Rebuild STAGE even if cached (repeatable).")
+@click.option("--until", metavar="STAGE", help="Build only STAGE and what it depends on.")
+@click.option("--dry-run", is_flag=True, help="Show what would run; run nothing.")
+@click.option("--keep-going/--stop", default=False, show_default=True,
+              help="After a crashing stage: build what does not depend on it, or stop.")
+@click.option("--wait", is_flag=True, help="Wait for another build of this recipe instead of failing.")
+@user_errors
+def build(recipe, device, force, until, dry_run, keep_going, wait):
+    """Run the stale stages, then render the report."""
+    from optforge.run import build as run_build
+
+    result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
+                       keep_going=keep_going, wait=wait, display=recipe)
+    for f in result.reports:
+        click.echo(f"report: {f}")
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True)
+@user_errors
+def dag(recipe, fmt):
+    """The stage graph as Mermaid or Graphviz dot."""
+    from optforge.graph import build_graph, to_dot, to_mermaid
+    from optforge.recipe_io import load_recipe
+
+    loaded = load_recipe(recipe, recipe)
+    graph = build_graph(loaded.recipe, loaded.dir)
+    click.echo((to_dot if fmt == "dot" else to_mermaid)(graph), nl=False)
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A previous report.md to compare against.")
+@device_option
+@user_errors
+def report(recipe, compare, device):
+    """Re-render the report from cached results (runs no stage)."""
+    from optforge.session import open_session, render, stage_results
+
+    session = open_session(recipe, device, display=recipe)
+    plans = session.plan()
+    session.save_hashes()
+
+    def no_renderer(msg):
+        raise OptforgeError(msg)
+
+    for f in render(session, stage_results(session, plans), compare=compare, warn=no_renderer):
+        click.echo(f"report: {f}")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@user_errors
+def gc(dry_run):
+    """Remove cache entries that no known recipe's lock file refers to."""
+    from optforge.cache import Cache
+
+    cache = Cache()
+    removed, kept = cache.gc(dry_run=dry_run)
+    for key in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {key}")
+    click.echo(f"gc: {len(removed)} {'to remove' if dry_run else 'removed'}, {len(kept)} kept")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@user_errors
+def clean(recipe):
+    """Forget a recipe's build state (its lock file); its cache entries become gc-able."""
+    from optforge.cache import Cache
+    from optforge.lockfile import lock_path, read_lock
+
+    cache = Cache()
+    lock_file = lock_path(recipe)
+    lock = read_lock(lock_file)
+    name = (lock or {}).get("recipe")
+    if name:
+        with cache.recipe_lock(name):  # never pull the state from under a running build
+            lock_file.unlink(missing_ok=True)
+    else:
+        lock_file.unlink(missing_ok=True)
+    was_known = cache.unregister(lock_file)
+    if lock is None and not was_known:
+        click.echo(f"clean: nothing recorded for {recipe}")
+    else:
+        click.echo(f"clean: forgot {lock_file}; run `optforge gc` to free its cache entries")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Stage keys and the fresh/stale verdict with its reasons. Pure: plain data in, plain data out.
+
+A stage is *fresh* when the cache holds a trusted entry under its key (a recorded failure counts: a
+rebuild does not retry it, `--force` does). Otherwise it is *stale*, and the reasons say what changed,
+found by diffing the key material against the lock file's record of the last build of that stage,
+cheapest first (DVC order): code version, params, inputs, data, library versions, device, output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+from optforge.fingerprint import describe_device, sha256_json
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    """What the planner needs from a StageKind (so plans can be tested without stage modules)."""
+
+    version: str
+    hardware_bound: bool = False
+    uses_torch: bool = True
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """A cache entry as seen by the planner. status: ok | failed | missing | corrupted."""
+
+    status: str
+    reason: Optional[str] = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    key: str
+    status: str  # fresh | stale
+    reasons: list[str]
+    record: dict  # the key material plus input stage names: what the lock file stores for this stage
+    entry: EntryState = EntryState("missing")
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "status": self.status, "reasons": self.reasons,
+                "key": self.key}
+
+
+def key_material(kind: str, info: KindInfo, params: dict, input_keys: Mapping[str, str],
+                 data: Mapping[str, str], versions: Mapping[str, Optional[str]],
+                 device: Optional[dict]) -> dict:
+    """Everything a stage's output depends on. `params` are already validated with defaults filled in.
+    Names of stages and of the recipe are deliberately absent: equal work gets an equal key."""
+    material = {"kind": kind, "version": info.version, "params": params,
+                "inputs": dict(input_keys), "data": dict(data)}
+    if info.uses_torch:
+        material["versions"] = dict(versions)
+    if info.hardware_bound:
+        material["device"] = device
+    return material
+
+
+def stage_key(material: dict) -> str:
+    return sha256_json(material)
+
+
+# --------------------------------------------------------------------------- reasons
+
+
+def _fmt(value) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+_UNSET = object()
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole values (they read best that way)."""
+    out = {}
+    if isinstance(d, dict) and d:
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = d
+    return out
+
+
+def param_changes(stage: str, old: dict, new: dict) -> list[str]:
+    """["distill.temperature 4.0 -> 2.0", ...] sorted by parameter path."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    out = []
+    for path in sorted(set(a) | set(b)):
+        va, vb = a.get(path, _UNSET), b.get(path, _UNSET)
+        if va != vb or type(va) is not type(vb):
+            name = f"{stage}.{path}" if path else stage
+            out.append(f"{name} {_fmt(va)} -> {_fmt(vb)}")
+    return out
+
+
+def change_reasons(name: str, new: dict, old: Optional[dict]) -> list[str]:
+    """Why a stage whose key moved is stale: what differs between its lock record and its new record."""
+    if not old:
+        return ["new stage"]
+    reasons = []
+    if old.get("kind") != new["kind"]:
+        reasons.append(f"kind {old.get('kind')} -> {new['kind']}")
+    elif old.get("version") != new["version"]:
+        reasons.append(f"{new['kind']} code version {old.get('version')} -> {new['version']}")
+    reasons += param_changes(name, old.get("params", {}), new["params"])
+    old_in, old_src = old.get("inputs", {}), old.get("sources", {})
+    for role, key in new["inputs"].items():
+        src = new["sources"].get(role, role)
+        if old_src.get(role, src) != src:
+            reasons.append(f"input {role} now from {src} (was {old_src.get(role)})")
+        elif old_in.get(role) != key:
+            reasons.append(f"upstream {src} changed")
+    for role in sorted(set(old_in) - set(new["inputs"])):
+        reasons.append(f"input {role} removed")
+    for role, digest in new["data"].items():
+        if old.get("data", {}).get(role) != digest:
+            reasons.append(f"data file {role} changed ({new.get('data_paths', {}).get(role, role)})")
+    for lib, version in new.get("versions", {}).items():
+        was = old.get("versions", {}).get(lib)
+        if "versions" in old and was != version:
+            reasons.append(f"{lib} {was} -> {version}")
+    if "device" in new and "device" in old and old["device"] != new["device"]:
+        reasons.append(f"device changed: {describe_device(old['device'])} -> {describe_device(new['device'])}")
+    return reasons or ["key changed"]  # e.g. a lock file written by an older optforge
+
+
+def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict],
+                data: Mapping[str, Mapping[str, str]], versions: Mapping[str, Optional[str]],
+                device: Optional[dict], lock: Mapping[str, dict],
+                entry: Callable[[str], EntryState], force: frozenset = frozenset(),
+                data_paths: Mapping[str, Mapping[str, str]] | None = None) -> list[StagePlan]:
+    """Keys and verdicts for every node of `graph`, in its (topological) order.
+
+    params[name]: the node's validated params; data[name]: role -> sha256 of its data files;
+    lock[name]: the lock file's record of the stage's last build; entry(key): the cache's view of it.
+    """
+    keys: dict[str, str] = {}
+    out: list[StagePlan] = []
+    for node in graph.nodes:
+        info = kinds[node.kind]
+        material = key_material(node.kind, info, params[node.name], {r: keys[s] for r, s in node.inputs.items()},
+                                data.get(node.name, {}), versions, device)
+        key = keys[node.name] = stage_key(material)
+        record = material | {"key": key, "sources": dict(node.inputs)}
+        if data_paths and data_paths.get(node.name):
+            record["data_paths"] = dict(data_paths[node.name])
+        state = entry(key)
+        old = lock.get(node.name)
+        reasons: list[str] = []
+        if node.name in force:
+            status, reasons = "stale", ["forced"]
+            if state.status == "failed":
+                reasons.append(f"previous run failed: {state.reason}")
+        elif state.status in ("ok", "failed"):
+            status = "fresh"
+            if state.status == "failed":
+                reasons = [f"previous run failed: {state.reason} (recorded; --force {node.name} retries)"]
+        else:
+            status = "stale"
+            if old and old.get("key") == key:
+                if old.get("error"):
+                    reasons.append(f"previous run failed: {old['error']}")
+                elif state.status == "corrupted":
+                    reasons.append(f"output corrupted: {state.reason}")
+                else:
+                    reasons.append("output missing")
+            else:
+                reasons = change_reasons(node.name, record, old)
+        out.append(StagePlan(node.name, node.kind, key, status, reasons, record, state))
+    _mark_blocked(graph, out)
+    return out
+
+
+def _mark_blocked(graph, plans: list[StagePlan]) -> None:
+    """A stale stage below a recorded failure cannot run: say so in the plan."""
+    failed = {p.name for p in plans if p.entry.status == "failed" and p.status == "fresh"}
+    for p in plans:
+        if p.status != "stale":
+            continue
+        bad = [dep for dep in graph[p.name].inputs.values() if dep in failed]
+        if bad:
+            p.reasons.append(f"upstream {bad[0]} failed (will be skipped)")
+            failed.add(p.name)
+
+
+def select(graph, until: Optional[str]) -> set[str]:
+    """Stage names a build covers: everything, or `until` and what it depends on."""
+    if until is None:
+        return set(graph.names())
+    graph.require(until)
+    return graph.upstream(until)

@@ -1,0 +1,271 @@
+"""Read a recipe file into a validated `Recipe`, turning every problem into a located `RecipeError`.
+
+YAML is composed into a node tree first (nodes keep their line/column), then constructed with the
+safe constructor; pydantic error `loc` tuples are walked through that tree to find the node to blame:
+an unknown key points at the key, a bad value at the value, a missing key at the parent mapping.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from optforge.errors import RecipeError, format_path
+from optforge.recipe import Recipe
+
+
+class RecipeErrors(RecipeError):
+    """Several located errors at once (like torchtune's ConfigError). Behaves as the first one; the CLI
+    prints all of them, first line first."""
+
+    def __init__(self, errors: list[RecipeError]):
+        first = errors[0]
+        super().__init__(first.message, first.path, first.file, first.line, first.col)
+        self.errors = errors
+
+    def lines(self) -> list[str]:
+        return [e.located() for e in self.errors]
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """A SafeLoader that keeps the composed node tree (every node carries its start mark), so errors
+    found after construction can still be located, and that refuses duplicate keys."""
+
+    def __init__(self, stream, filename: str):
+        super().__init__(stream)
+        self.filename = filename
+        self.root: yaml.Node | None = None
+
+    def load_document(self):
+        self.root = self.get_single_node()
+        if self.root is None:
+            raise RecipeError("the recipe is empty; it needs at least `name`, `data`, `teacher`, `configs`",
+                              (), self.filename, 1, 1)
+        self._check_duplicates(self.root, ())
+        return self.construct_document(self.root)
+
+    def _check_duplicates(self, node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                k = key.value if isinstance(key, yaml.ScalarNode) else id(key)
+                if k in seen:
+                    raise RecipeError(f"duplicate key {k!r} (first defined on line {seen[k].start_mark.line + 1})",
+                                      path + (k,), self.filename, *_pos(key))
+                seen[k] = key
+                self._check_duplicates(value, path + (k,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicates(item, path + (i,))
+
+
+def _pos(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def load_yaml(path: Path, display: str | None = None):
+    """(data, root node). YAML syntax errors become located RecipeErrors."""
+    display = display or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}", (), display) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe: {e}", (), display) from None
+    loader = RecipeLoader(text, display)
+    try:
+        data = loader.load_document()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = " ".join(p for p in (e.context, e.problem) if p)
+        raise RecipeError(f"invalid YAML: {problem}", (), display,
+                          mark.line + 1 if mark else None, mark.column + 1 if mark else None) from None
+    finally:
+        loader.dispose()
+    return data, loader.root
+
+
+# --------------------------------------------------------------------------- locating a key path
+
+
+def locate(root: yaml.Node, path: tuple, want: str = "value") -> tuple[int, int]:
+    """Line/col of the node at `path` ("key" node or "value" node). Parts that are not in the file
+    (defaults, merged keys) fall back to the deepest node that is."""
+    node, key_node = root, None
+    for part in path:
+        found = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    found = (k, v)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            found = (None, node.value[part])
+        if found is None:
+            return _pos(node)
+        key_node, node = found
+    if want == "key" and key_node is not None:
+        return _pos(key_node)
+    return _pos(node)
+
+
+def _unwrap(annotation):
+    """Optional[X] / Union[X, None] -> X."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def model_at(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at `path` (for "did you mean" on unknown keys)."""
+    current = Recipe
+    for part in path:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = _unwrap(field.annotation)
+        elif typing.get_origin(current) is list and isinstance(part, int):
+            current = _unwrap(typing.get_args(current)[0])
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _message(err: dict) -> str:
+    kind, loc, msg = err["type"], tuple(err["loc"]), err["msg"]
+    if kind == "extra_forbidden":
+        model = model_at(loc[:-1])
+        valid = list(model.model_fields) if model else []
+        out = f"unknown key {loc[-1]!r}"
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        if close:
+            out += f"; did you mean {close[0]!r}?"
+        return out + (f" (valid keys: {', '.join(valid)})" if valid else "")
+    if kind == "missing":
+        return "required key is missing"
+    msg = re.sub(r"^(Value|Assertion) error, ", "", msg)
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        msg += f", got {_show(err.get('input'))}"
+        close = difflib.get_close_matches(str(err.get("input")), options, n=1)
+        return msg + (f"; did you mean {close[0]!r}?" if close else "")
+    if kind.endswith("_type") or kind.startswith(("greater", "less", "string_", "too_", "int_", "float_",
+                                                  "bool_", "list_")):
+        msg += f", got {_show(err.get('input'))}"
+    return msg
+
+
+def validation_errors(e: ValidationError, root: yaml.Node, display: str) -> list[RecipeError]:
+    out = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            line, col = locate(root, loc, "key")
+        elif err["type"] == "missing":
+            line, col = locate(root, loc[:-1], "value")
+        else:
+            line, col = locate(root, loc, "value")
+        out.append(RecipeError(_message(err), loc, display, line, col))
+    return out
+
+
+# --------------------------------------------------------------------------- the public entry points
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path  # the recipe file
+    display: str  # how the user named it (used in error positions)
+    root: yaml.Node  # composed YAML, to locate later errors (e.g. missing data files)
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def error(self, message: str, path: tuple, want: str = "value") -> RecipeError:
+        line, col = locate(self.root, path, want)
+        return RecipeError(message, path, self.display, line, col)
+
+
+def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
+    """Parse and validate (schema + cross-references). Raises RecipeError/RecipeErrors, located."""
+    path = Path(path)
+    display = display or str(path)
+    data, root = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping of `key: value` lines, got {_show(data)}",
+                          (), display, *_pos(root))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = sorted(validation_errors(e, root, display), key=lambda r: (r.line or 0, r.col or 0))
+        raise (RecipeErrors(errors) if len(errors) > 1 else errors[0]) from None
+    except RecipeError as e:
+        # check_references runs inside Recipe's model validator; pydantic lets non-ValueErrors through
+        # unchanged, so the key path survives and only the position is missing
+        raise _relocate(e, root, display) from None
+    return LoadedRecipe(recipe, path, display, root)
+
+
+def _relocate(e: RecipeError, root: yaml.Node, display: str) -> RecipeError:
+    line, col = locate(root, e.path, "value")
+    return RecipeError(e.message, e.path, display, line, col)
+
+
+def check_data_files(loaded: LoadedRecipe, graph) -> None:
+    """Local data files must exist; the error points at `data.dataset` (folder missing) or at
+    `data.train` / `data.eval` (file missing)."""
+    from optforge.graph import data_root
+
+    data = loaded.recipe.data
+    for role, file in graph["data"].data_files.items():
+        p = Path(file)
+        if p.is_file():
+            continue
+        if not p.parent.is_dir():
+            raise loaded.error(
+                f"dataset folder {data.dataset!r} not found (looked beside the recipe in {loaded.dir}, "
+                f"in the current directory and under the data root {data_root()}); fix the path or set "
+                f"OPTFORGE_DATA_ROOT", ("data", "dataset"))
+        raise loaded.error(f"data file {getattr(data, role)!r} not found in {p.parent}"
+                           f" (files there: {', '.join(sorted(x.name for x in p.parent.iterdir())[:8]) or 'none'})",
+                           ("data", role))
+
+
+def load_and_check(path: Path | str, display: str | None = None):
+    """What `validate` checks and what every other command starts from: (LoadedRecipe, Graph)."""
+    from optforge.errors import OptforgeError
+    from optforge.graph import build_graph
+
+    loaded = load_recipe(path, display)
+    try:
+        graph = build_graph(loaded.recipe, loaded.dir)
+    except RecipeError as e:
+        raise _relocate(e, loaded.root, loaded.display) from None
+    except OptforgeError as e:  # a graph cycle the schema did not catch: still the recipe's fault
+        raise RecipeError(str(e), (), loaded.display, 1, 1) from None
+    check_data_files(loaded, graph)
+    return loaded, graph
+
+
+__all__ = ["RecipeLoader", "RecipeErrors", "LoadedRecipe", "load_yaml", "load_recipe", "load_and_check",
+           "locate", "model_at", "format_path"]

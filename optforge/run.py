@@ -1,0 +1,272 @@
+"""Execute a plan: stale stages in dependency order, each into a fresh tmp dir sealed into the cache.
+
+Failure policy (ARCHITECTURE.md): a `StageFailure` is a result -- cached as a failed entry so rebuilds
+do not retry it (`--force` does), dependents are skipped. Any other exception is a bug: its traceback is
+printed, nothing is cached for it, the lock file records the error; the build stops there, or with
+`keep_going` goes on with whatever does not depend on it.
+
+The lock file is rewritten after every stage, so a killed build keeps what it completed. Nothing here
+imports torch: stage runners do, and only when a stage actually runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from optforge.cache import Cache
+from optforge.errors import OptforgeError, StageFailure
+from optforge.lockfile import read_lock, write_lock
+from optforge.plan import StagePlan, select
+from optforge.session import Session, open_session, render, stage_results
+from optforge.stages.base import StageContext
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _stdout(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def tqdm_progress(stage: str) -> Callable:
+    """StageContext.progress: a tqdm bar on a terminal (shown only after a second), silent otherwise."""
+
+    def progress(iterable=None, total=None, desc: str = ""):
+        from tqdm import tqdm
+
+        return tqdm(iterable=iterable, total=total, desc=f"{stage} {desc}".strip(), file=sys.stderr,
+                    disable=not sys.stderr.isatty(), leave=False, delay=1.0, dynamic_ncols=True)
+
+    return progress
+
+
+@dataclass
+class BuildResult:
+    outcomes: dict = field(default_factory=dict)  # stage name -> report result dict
+    ran: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # StageFailure, now or recorded earlier, and crashes
+    skipped: list[str] = field(default_factory=list)
+    crashed: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)  # stopped before reaching them
+    seconds: float = 0.0
+    reports: list[Path] = field(default_factory=list)
+    summary: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        # recorded StageFailures are results (a `failed:` report row), not a broken build
+        return 1 if self.crashed else 0
+
+
+def verify_inputs(session: Session, plans: list[StagePlan], selected: set[str]) -> None:
+    """Full sha256 of every cached entry a running stage will read; a damaged one becomes stale and is
+    rebuilt first, never loaded. Repeats because a newly stale stage has inputs of its own."""
+    by_name = {p.name: p for p in plans}
+    checked: set[str] = set()
+    todo = True
+    while todo:
+        todo = False
+        for p in plans:
+            if p.name not in selected or p.status != "stale":
+                continue
+            for dep in session.graph[p.name].inputs.values():
+                d = by_name[dep]
+                if dep in checked or d.status != "fresh" or d.entry.status != "ok":
+                    continue
+                checked.add(dep)
+                state = session.cache.state(d.key, deep=True)
+                if state.status != "ok":
+                    d.status, d.reasons, d.entry = "stale", [f"output corrupted: {state.reason}"], state
+                    todo = True
+
+
+def verify_all(session: Session, plans: list[StagePlan]) -> None:
+    """`plan --verify`: full sha256 of every fresh entry (a slow plan that trusts nothing)."""
+    for p in plans:
+        if p.status == "fresh" and p.entry.status == "ok":
+            state = session.cache.state(p.key, deep=True)
+            if state.status != "ok":
+                p.status, p.reasons, p.entry = "stale", [f"output corrupted: {state.reason}"], state
+
+
+class Executor:
+    def __init__(self, session: Session, plans: list[StagePlan], selected: set[str], force: set[str],
+                 keep_going: bool, echo: Callable[[str], None], log: Callable[[str], None], progress: bool):
+        self.s, self.plans, self.selected, self.force = session, plans, selected, force
+        self.keep_going, self.echo, self.log, self.progress = keep_going, echo, log, progress
+        self.keys = {p.name: p.key for p in plans}
+        self.result = BuildResult()
+        self.device_checked = False
+
+    def run(self) -> BuildResult:
+        r = self.result
+        for p in self.plans:
+            if p.name not in self.selected:
+                continue
+            if r.crashed and not self.keep_going:
+                r.not_run.append(p.name)
+                continue
+            bad = [d for d in self.s.graph[p.name].inputs.values()
+                   if r.outcomes.get(d, {}).get("status") in ("failed", "skipped")]
+            if bad:
+                self._outcome(p, "skipped", reason=f"upstream {bad[0]} failed")
+                r.skipped.append(p.name)
+                self.echo(f"{'skipped':<8}{p.name} (upstream {bad[0]} failed)")
+                continue
+            state = p.entry
+            if p.status == "stale" and p.name not in self.force:
+                state = self.s.cache.state(p.key)  # sealed meanwhile: an equal stage, or another build
+            if p.name not in self.force and state.status in ("ok", "failed"):
+                self._cached(p, state)
+            else:
+                self._run(p)
+        gone = set(self.s.lock) - set(self.s.graph.names())
+        if gone:  # stages the recipe no longer has: forget them so gc can reclaim their entries
+            for name in gone:
+                del self.s.lock[name]
+            write_lock(self.s.lock_file, self.s.name, dict(self.s.lock))
+        return r
+
+    def _outcome(self, p: StagePlan, status: str, metrics=None, reason=None) -> None:
+        self.result.outcomes[p.name] = {"status": status, "metrics": metrics or {}, "reason": reason,
+                                        "key": p.key}
+
+    def _record(self, p: StagePlan, error: Optional[str] = None) -> None:
+        """Lock file after every stage, so a killed build keeps its progress."""
+        record = p.record | ({"error": error} if error else {})
+        if self.s.lock.get(p.name) == record:
+            return  # the usual case for cached stages: nothing to write
+        self.s.lock[p.name] = record
+        names = self.s.graph.names()
+        write_lock(self.s.lock_file, self.s.name, {n: self.s.lock[n] for n in names if n in self.s.lock})
+
+    def _cached(self, p: StagePlan, state) -> None:
+        self._outcome(p, state.status, state.metrics, state.reason)
+        if state.status == "failed":
+            self.result.failed.append(p.name)
+            self.echo(f"{'failed':<8}{p.name}: {state.reason} (recorded; --force {p.name} retries)")
+        else:
+            self.result.cached.append(p.name)
+            self.echo(f"{'cached':<8}{p.name}")
+        self._record(p)
+
+    def _check_device(self) -> None:
+        if self.s.device == "cuda" and not self.device_checked:
+            import torch  # only now: a stage is about to run and will import it anyway
+
+            if not torch.cuda.is_available():
+                raise OptforgeError("device cuda was selected (an NVIDIA driver is present) but "
+                                    "torch.cuda.is_available() is False; pass --device cpu")
+        self.device_checked = True
+
+    def _run(self, p: StagePlan) -> None:
+        self._check_device()
+        cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
+        inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in node.inputs.items()}
+        input_metrics = {role: self.result.outcomes.get(dep, {}).get("metrics") or
+                         (cache.manifest(self.keys[dep]) or {}).get("metrics", {})
+                         for role, dep in node.inputs.items()}
+        tmp = cache.new_tmp()
+        ctx = StageContext(name=p.name, kind=p.kind, params=self.s.params[p.name], inputs=inputs,
+                           input_metrics=input_metrics, out=tmp, device=self.s.device,
+                           data_files={role: Path(f) for role, f in node.data_files.items()},
+                           progress=tqdm_progress(p.name) if self.progress else None,
+                           log=lambda msg, _n=p.name: self.log(f"  [{_n}] {msg}"))
+        t0 = time.perf_counter()
+        try:
+            metrics = kind.run(ctx) or {}
+            json.dumps(metrics)  # must be JSON-able: the manifest and the report read it
+        except StageFailure as e:
+            state = cache.commit(tmp, p.key, status="failed", metrics={}, reason=str(e), kind=p.kind,
+                                 stage=p.name, replace=True)
+            self._outcome(p, "failed", reason=state.reason)
+            self.result.failed.append(p.name)
+            self.echo(f"{'failed':<8}{p.name}: {state.reason}")
+            self._record(p)
+            return
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: leave at once
+                raise
+            reason = f"{type(e).__name__}: {e}"
+            traceback.print_exc(file=sys.stderr)
+            self._outcome(p, "failed", reason=reason)
+            self.result.failed.append(p.name)
+            self.result.crashed.append(p.name)
+            self.echo(f"{'failed':<8}{p.name}: {reason}")
+            self._record(p, error=reason)
+            return
+        dt = time.perf_counter() - t0
+        state = cache.commit(tmp, p.key, status="ok", metrics=metrics, reason=None, kind=p.kind,
+                             stage=p.name, replace=p.name in self.force)
+        self._outcome(p, "ok", state.metrics or metrics)
+        self.result.ran.append(p.name)
+        self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
+        self._record(p)
+
+
+def _summary(r: BuildResult) -> str:
+    extra = ""
+    if r.failed:
+        extra += f", {len(r.failed)} failed"
+    if r.skipped:
+        extra += f", {len(r.skipped)} skipped"
+    if r.crashed and r.not_run:
+        return (f"build stopped: {r.crashed[0]} crashed; {len(r.ran)} ran, {len(r.cached)} cached{extra}, "
+                f"{len(r.not_run)} not run in {r.seconds:.1f}s (--keep-going builds what does not depend on it)")
+    if not r.ran and not r.crashed:
+        return f"nothing to do: {len(r.cached)} stages fresh{extra}"
+    return f"build: {len(r.ran)} ran, {len(r.cached)} cached{extra} in {r.seconds:.1f}s"
+
+
+def dry_run_lines(plans: list[StagePlan], selected: set[str]) -> list[str]:
+    lines = []
+    for p in plans:
+        if p.name in selected:
+            verb = "would run" if p.status == "stale" else "cached"
+            why = f"  ({'; '.join(p.reasons)})" if p.reasons else ""
+            lines.append(f"{verb:<10}{p.name}{why}")
+    stale = sum(p.status == "stale" for p in plans if p.name in selected)
+    lines.append(f"dry run: {stale} would run, {len(selected) - stale} fresh")
+    return lines
+
+
+def build(recipe: Path | str, *, device: str = "auto", force=(), until: Optional[str] = None,
+          dry_run: bool = False, keep_going: bool = False, wait: bool = False, cache: Cache | None = None,
+          display: str | None = None, echo: Callable[[str], None] = _stdout,
+          log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True) -> BuildResult:
+    t0 = time.perf_counter()
+    session = open_session(recipe, device, cache, display)
+    force = set(force)
+    selected = select(session.graph, until)
+    if dry_run:
+        plans = session.plan(force)
+        for line in dry_run_lines(plans, selected):
+            echo(line)
+        return BuildResult(summary="dry run")
+    with session.cache.recipe_lock(session.name, wait):
+        # under the lock: another build of this recipe may have just finished
+        session.lock = (read_lock(session.lock_file) or {}).get("stages", {})
+        plans = session.plan(force)
+        session.cache.register(session.lock_file)
+        if any(p.status == "stale" for p in plans if p.name in selected):
+            session.cache.sweep_tmp()
+            verify_inputs(session, plans, selected)
+        result = Executor(session, plans, selected, force, keep_going, echo, log, progress).run()
+        session.save_hashes()
+    result.seconds = time.perf_counter() - t0
+    result.summary = _summary(result)
+    if render_report:
+        results = stage_results(session, plans, result.outcomes)
+        result.reports = render(session, results, only_if_changed=True, warn=log)
+    echo(result.summary)
+    return result

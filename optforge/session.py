@@ -1,0 +1,165 @@
+"""Everything `plan`, `build` and `report` share: the recipe, its graph, the cache, the environment that
+enters keys, the plan itself, the per-stage results the report reads, and rendering the report.
+
+The edges that do I/O live here so that `plan.py` stays pure. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ValidationError
+
+from optforge import __version__
+from optforge.cache import Cache
+from optforge.errors import OptforgeError
+from optforge.fingerprint import (device_fingerprint, library_versions, read_json, resolve_device,
+                                  sha256_json, write_json_atomic)
+from optforge.graph import Graph
+from optforge.lockfile import lock_path, read_lock
+from optforge.plan import KindInfo, StagePlan, plan_stages
+from optforge.recipe_io import LoadedRecipe, load_and_check
+from optforge.stages.base import StageKind, get_kind
+
+
+@dataclass
+class Session:
+    loaded: LoadedRecipe
+    graph: Graph
+    cache: Cache
+    device: str  # "cpu" | "cuda"
+    device_fp: dict
+    versions: dict
+    kinds: dict[str, StageKind]
+    params: dict[str, BaseModel]  # stage name -> validated params (what StageContext gets)
+    data_sha: dict[str, dict[str, str]]  # stage name -> role -> sha256 of its data files
+    lock_file: Path
+    lock: dict = field(default_factory=dict)  # stage name -> record of its last build
+
+    @property
+    def name(self) -> str:
+        return self.loaded.recipe.name
+
+    def plan(self, force=()) -> list[StagePlan]:
+        for f in force:
+            self.graph.require(f)
+        infos = {k: KindInfo(v.version, v.hardware_bound, v.uses_torch) for k, v in self.kinds.items()}
+        params = {n: p.model_dump(mode="json") for n, p in self.params.items()}
+        data_paths = {n.name: dict(n.data_files) for n in self.graph.nodes if n.data_files}
+        return plan_stages(self.graph, infos, params, self.data_sha, self.versions, self.device_fp,
+                           self.lock, self.cache.state, frozenset(force), data_paths)
+
+    def env(self) -> dict:
+        """What the report prints about where and with what the results were made."""
+        data = self.data_sha.get("data") or {"dataset": self.loaded.recipe.data.dataset}
+        return {"recipe_hash": sha256_json(self.loaded.recipe.model_dump(mode="json")),
+                "device": self.device_fp,
+                "versions": {**self.versions, "optforge": __version__},
+                "data_fingerprint": sha256_json(data)}
+
+    def save_hashes(self) -> None:
+        try:
+            self.cache.hashes.save()
+        except OSError:
+            pass  # only a memo
+
+
+def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None = None,
+                 display: str | None = None) -> Session:
+    loaded, graph = load_and_check(recipe, display)
+    cache = cache or Cache()
+    device = resolve_device(device)
+    kinds = {n.kind: get_kind(n.kind) for n in graph.nodes}
+    params = {}
+    for n in graph.nodes:
+        try:
+            params[n.name] = kinds[n.kind].params_model.model_validate(n.params)
+        except ValidationError as e:  # the graph and the stage kind disagree: our bug, said plainly
+            raise OptforgeError(f"stage {n.name!r}: its parameters do not fit kind {n.kind!r}'s "
+                                f"params_model: {e}") from None
+    data_sha = {n.name: {role: cache.hashes.sha256(p) for role, p in n.data_files.items()}
+                for n in graph.nodes if n.data_files}
+    lock_file = lock_path(loaded.path)
+    lock = (read_lock(lock_file) or {}).get("stages", {})
+    session = Session(loaded, graph, cache, device, device_fingerprint(device, cache.root),
+                      library_versions(), kinds, params, data_sha, lock_file, lock)
+    session.save_hashes()
+    return session
+
+
+# --------------------------------------------------------------------------- results and reports
+
+
+def stage_results(session: Session, plans: list[StagePlan], outcomes: dict | None = None) -> dict:
+    """stage name -> {"status": ok|failed|skipped|missing, "metrics", "reason", "key"} for the report.
+    `outcomes` (from a build) override what the cache says."""
+    outcomes = outcomes or {}
+    results = {}
+    failed: set[str] = set()
+    for p in plans:
+        if p.name in outcomes:
+            results[p.name] = outcomes[p.name]
+        elif p.status == "fresh" and p.entry.status in ("ok", "failed"):
+            results[p.name] = {"status": p.entry.status, "metrics": p.entry.metrics,
+                               "reason": p.entry.reason, "key": p.key}
+        else:
+            results[p.name] = {"status": "missing", "metrics": {}, "reason": "not built", "key": p.key}
+        if results[p.name]["status"] in ("failed", "skipped"):
+            failed.add(p.name)
+        elif results[p.name]["status"] == "missing":
+            bad = [d for d in session.graph[p.name].inputs.values() if d in failed]
+            if bad:
+                results[p.name] = {"status": "skipped", "metrics": {}, "key": p.key,
+                                   "reason": f"upstream {bad[0]} failed"}
+                failed.add(p.name)
+    return results
+
+
+def report_dir(session: Session) -> Path:
+    return Path("reports") / session.name
+
+
+def _renderer_stamp() -> list:
+    """(file, size, mtime) of the renderer's code and templates: a changed template re-renders."""
+    from importlib.util import find_spec
+
+    spec = find_spec("optforge.report")
+    stamp = []
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    roots += [r.parent.parent / "reports" / "templates" for r in roots[:1]]
+    for root in roots:
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                if f.suffix in (".py", ".j2", ".html", ".css", ".md") and f.is_file():
+                    st = f.stat()
+                    stamp.append([str(f), st.st_size, st.st_mtime_ns])
+    return stamp
+
+
+def render(session: Session, results: dict, compare: Optional[Path] = None, only_if_changed: bool = False,
+           warn=print) -> list[Path]:
+    """Call the report renderer. With `only_if_changed`, skip it when results, environment and the
+    renderer itself are what they were at the last render and its files are still there."""
+    out_dir = report_dir(session)
+    memo_path = session.cache.root / "rendered" / f"{session.name}.json"
+    digest = sha256_json({"results": results, "env": session.env(), "out": str(out_dir.absolute()),
+                          "compare": str(compare) if compare else None, "renderer": _renderer_stamp(),
+                          "recipe": str(session.loaded.path.absolute())})
+    if only_if_changed:
+        memo = read_json(memo_path, {}) or {}
+        files = memo.get("files")
+        if memo.get("digest") == digest and files is not None and all(os.path.exists(p) for p in files):
+            return [Path(p) for p in files]
+    try:
+        from optforge.report import render_reports
+    except ImportError:
+        warn("report: optforge.report.render_reports is not available yet; no report written")
+        return []
+    files = render_reports(recipe=session.loaded.recipe, recipe_path=session.loaded.path, graph=session.graph,
+                           results=results, env=session.env(), out_dir=out_dir, compare=compare)
+    files = [Path(f) for f in files or []]
+    write_json_atomic(memo_path, {"digest": digest, "files": [str(f.absolute()) for f in files]})
+    return files
