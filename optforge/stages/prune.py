@@ -1,0 +1,333 @@
+"""prune: make a float model sparser (unstructured) or physically smaller (structured), then optionally
+recover accuracy by distilling from the teacher. Writes a float artifact (`modeling.save_classifier`).
+
+Unstructured (`amount`): L1-magnitude pruning of every encoder nn.Linear weight, layer by layer
+(`torch.nn.utils.prune.l1_unstructured`: each weight loses exactly round(amount * numel) entries), kept
+as a mask during recovery so zeros stay zero, then made permanent with `prune.remove` (no
+`weight_orig`/`weight_mask`/hooks remain). Dense kernels do not get faster from zeros: this is about
+size after compression and about what a sparse kernel could do, and the metrics say how sparse.
+
+Structured (`heads`, `ffn`): per layer, remove the least important fraction of attention heads and of
+FFN channels, and shrink the Linear layers for real (Q/K/V rows and the attention-output columns of a
+head; intermediate rows and FFN-output columns of a channel), so parameters and FLOPs really drop.
+
+Importance, measured on a calibration set (`CALIBRATION` train sentences, fixed seed):
+  - head h of layer l (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"):
+      I_h = sum_x | dL(x)/d xi_h |   with xi_h a gate on the head's context output, at xi = 1.
+    No gate module is needed: dL/d xi_h = sum over tokens and the head's dims of (context * dL/dcontext),
+    read from a forward hook on the self-attention output and a gradient hook on that tensor. The loss
+    is the summed per-example cross-entropy on the true labels, so each example's term is its own
+    gradient (BERT in eval mode treats examples independently), as in the paper (per example, not per batch).
+  - FFN channel j of layer l:  I_j = mean over real (non-pad) tokens |GELU(x W_in + b)_j| * ||W_out[:, j]||_2
+    (the expected magnitude of what channel j writes into the residual stream).
+Counts: a layer of H heads loses round(heads * H) of them, keeping at least one. A layer of I channels
+keeps I - round(ffn * I) channels, rounded to a multiple of 16 when I is one (packed int8/int4 CPU
+kernels want N % 16 == 0), keeping at least 16; the metrics report the real fractions removed.
+
+A structurally pruned model has a different width per layer. `modeling.load_classifier` rebuilds each
+Linear from the shapes in model.safetensors; head.json additionally records, under "pruned_layers", one
+entry per layer: {"heads": int, "head_size": int, "intermediate": int, "kept_heads": [original indices]}.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from optforge.recipe import PruneParams
+from optforge.stages.base import StageContext, StageKind
+
+CALIBRATION = 256  # train sentences used to score heads and channels
+CALIBRATION_BATCH = 32
+FFN_ALIGN = 16
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+
+    from optforge import modeling, training
+    from optforge.runtime import flops_per_token
+    from optforge.stages.data import Splits
+
+    params: PruneParams = ctx.params
+    data = Splits(ctx.inputs["data"], ctx.input_metrics.get("data"))
+    model, tokenizer, meta = modeling.load_classifier(ctx.inputs["model"])
+    model = model.float().to(ctx.device).eval()
+    training.configure_threads()
+    pad_id = tokenizer.pad_token_id or 0
+    seq = data.max_length
+    eval_ids = training.tokenize(tokenizer, data.eval_texts, data.max_length)
+
+    before = param_stats(model)
+    metrics: dict = {"method": params.method, "params_before": before["params"],
+                     "nonzero_before": before["nonzero"],
+                     "flops_per_token_before": flops_per_token(model, seq), "flops_seq_len": seq}
+    metrics["accuracy_before"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id,
+                                                         ctx.device)["accuracy"]
+
+    pruned_layers = None
+    if params.method == "unstructured":
+        targets = encoder_linears(model)
+        mask_linears(targets, params.amount)
+    else:
+        calib = calibration_set(tokenizer, data, CALIBRATION, seed=0)
+        heads_imp, ffn_imp = importance_scores(model, calib, pad_id, ctx.device)
+        plan = structured_plan(model, heads_imp, ffn_imp, params.heads, params.ffn)
+        pruned_layers = shrink(model, plan)
+        metrics.update(removed_fractions(pruned_layers, before_shapes=plan))
+
+    metrics["accuracy_after_prune"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id,
+                                                              ctx.device)["accuracy"]
+    if params.recover is not None:
+        metrics.update(recover(ctx, model, tokenizer, data, params.recover))
+        metrics["accuracy_after_recovery"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id,
+                                                                     ctx.device)["accuracy"]
+    if params.method == "unstructured":
+        make_permanent(targets)
+        metrics.update(sparsity_stats(targets))
+
+    after = param_stats(model)
+    metrics.update({"params_after": after["params"], "nonzero_after": after["nonzero"],
+                    "sparsity_all": 1 - after["nonzero"] / after["params"],
+                    "flops_per_token_after": flops_per_token(model, seq)})
+    metrics["accuracy"] = metrics.get("accuracy_after_recovery", metrics["accuracy_after_prune"])
+
+    source = meta.get("source", "model") + (f" + prune {params.method}")
+    with torch.no_grad():
+        modeling.save_classifier(model.cpu(), tokenizer, {"max_length": meta["max_length"], "source": source},
+                                 ctx.out)
+    if pruned_layers is not None:
+        head_path = ctx.out / modeling.HEAD
+        head = json.loads(head_path.read_text())
+        head["pruned_layers"] = pruned_layers
+        head_path.write_text(json.dumps(head, indent=2, sort_keys=True) + "\n")
+    ctx.log(f"{ctx.name}: params {before['params']:,} -> {after['params']:,}, nonzero {before['nonzero']:,} -> "
+            f"{after['nonzero']:,}, accuracy {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}")
+    return metrics
+
+
+KIND = StageKind(kind="prune", version="1", params_model=PruneParams, run=run)
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def param_stats(model) -> dict:
+    import torch
+
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return {"params": total, "nonzero": nonzero}
+
+
+def encoder_linears(model) -> list:
+    """Every nn.Linear inside the encoder (Q/K/V/O, FFN in/out); not the classification head."""
+    from torch import nn
+
+    return [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+
+
+# --------------------------------------------------------------------------- unstructured
+
+
+def mask_linears(linears: list, amount: float) -> None:
+    """Zero the round(amount * numel) smallest-|w| entries of each weight, as a mask (weight_orig * mask)."""
+    from torch.nn.utils import prune
+
+    for m in linears:
+        prune.l1_unstructured(m, "weight", amount=amount)
+
+
+def make_permanent(linears: list) -> None:
+    from torch.nn.utils import prune
+
+    for m in linears:
+        if prune.is_pruned(m):
+            prune.remove(m, "weight")
+
+
+def sparsity_stats(linears: list) -> dict:
+    import torch
+
+    total = sum(m.weight.numel() for m in linears)
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    return {"pruned_weights": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0}
+
+
+# --------------------------------------------------------------------------- structured: importance
+
+
+def calibration_set(tokenizer, data, n: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """(token ids, labels) of `n` train examples drawn with a fixed seed."""
+    from optforge import training
+
+    idx = list(range(len(data.train_texts)))
+    random.Random(seed).shuffle(idx)
+    idx = sorted(idx[:n])
+    ids = training.tokenize(tokenizer, [data.train_texts[i] for i in idx], data.max_length)
+    return ids, [data.train_labels[i] for i in idx]
+
+
+def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
+    """(head importance [layer][head], FFN channel importance [layer][channel]) as CPU float tensors.
+    See the module docstring for the definitions."""
+    import torch
+    import torch.nn.functional as F
+
+    from optforge import modeling, training
+
+    ids, labels = calib
+    layers = modeling.encoder_layers(model.encoder)
+    head_size = [layer.attention.self.attention_head_size for layer in layers]
+    head_imp = [torch.zeros(layer.attention.self.query.out_features // d, dtype=torch.float64)
+                for layer, d in zip(layers, head_size)]
+    act_sum = [torch.zeros(layer.intermediate.dense.out_features, dtype=torch.float64) for layer in layers]
+    tokens = 0
+    current_mask: dict = {}
+
+    def attn_hook(i):
+        def hook(_module, _inputs, output):
+            ctx_out = output[0] if isinstance(output, tuple) else output  # [B, S, heads * d]
+
+            def grad_hook(grad):
+                contrib = (ctx_out.detach() * grad).float()  # d L / d xi, split over tokens and dims
+                b, s, _ = contrib.shape
+                per_example = contrib.reshape(b, s, -1, head_size[i]).sum(dim=(1, 3))  # [B, heads]
+                head_imp[i] += per_example.abs().sum(0).double().cpu()
+            ctx_out.register_hook(grad_hook)
+        return hook
+
+    def ffn_hook(i):
+        def hook(_module, _inputs, output):
+            m = current_mask["mask"].unsqueeze(-1).to(output.dtype)
+            act_sum[i] += (output.detach().abs() * m).sum(dim=(0, 1)).double().cpu()
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.attention.self.register_forward_hook(attn_hook(i)))
+        handles.append(layer.intermediate.register_forward_hook(ffn_hook(i)))
+    model.eval()
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    try:
+        with torch.enable_grad():
+            for batch in training.sorted_batches([len(s) for s in ids], CALIBRATION_BATCH):
+                input_ids, mask = training.pad_batch([ids[j] for j in batch], pad_id)
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                current_mask["mask"] = mask
+                tokens += int(mask.sum())
+                logits = model(input_ids, mask).float()
+                loss = F.cross_entropy(logits, labels_t[batch].to(device), reduction="sum")
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+
+    ffn_imp = []
+    for layer, s in zip(layers, act_sum):
+        out_norm = layer.output.dense.weight.detach().float().norm(dim=0).double().cpu()  # ||W_out[:, j]||
+        ffn_imp.append(s / max(tokens, 1) * out_norm)
+    return [h.float() for h in head_imp], [f.float() for f in ffn_imp]
+
+
+# --------------------------------------------------------------------------- structured: shrinking
+
+
+def heads_to_remove(n_heads: int, fraction: float) -> int:
+    return min(round(fraction * n_heads), n_heads - 1)
+
+
+def channels_to_keep(n: int, fraction: float, align: int = FFN_ALIGN) -> int:
+    keep = n - round(fraction * n)
+    if n % align == 0 and n >= align:
+        keep = max(align, min(n, align * round(keep / align)))
+    return max(1, keep)
+
+
+def structured_plan(model, head_imp: list, ffn_imp: list, heads: float, ffn: float) -> list[dict]:
+    """Per layer: the original head indices and FFN channel indices to keep (ascending), by importance."""
+    import torch
+
+    from optforge import modeling
+
+    plan = []
+    for layer, hi, fi in zip(modeling.encoder_layers(model.encoder), head_imp, ffn_imp):
+        n_heads = hi.numel()
+        keep_h = n_heads - heads_to_remove(n_heads, heads)
+        n_ch = fi.numel()
+        keep_c = channels_to_keep(n_ch, ffn) if ffn > 0 else n_ch
+        # stable: ties keep the lower index
+        kept_heads = sorted(torch.argsort(-hi, stable=True)[:keep_h].tolist())
+        kept_ch = sorted(torch.argsort(-fi, stable=True)[:keep_c].tolist())
+        plan.append({"kept_heads": kept_heads, "kept_channels": kept_ch, "heads_before": n_heads,
+                     "intermediate_before": n_ch, "head_size": layer.attention.self.attention_head_size})
+    return plan
+
+
+def shrink(model, plan: list[dict]) -> list[dict]:
+    """Apply `plan` in place: new, smaller nn.Linear layers holding the kept rows/columns. Returns the
+    per-layer "pruned_layers" metadata written into head.json."""
+    import torch
+    from transformers.pytorch_utils import prune_linear_layer
+
+    from optforge import modeling
+
+    out = []
+    for layer, p in zip(modeling.encoder_layers(model.encoder), plan):
+        attn, d = layer.attention.self, p["head_size"]
+        if len(p["kept_heads"]) < p["heads_before"]:
+            rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in p["kept_heads"]])
+            attn.query = prune_linear_layer(attn.query, rows, dim=0)
+            attn.key = prune_linear_layer(attn.key, rows, dim=0)
+            attn.value = prune_linear_layer(attn.value, rows, dim=0)
+            layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, rows, dim=1)
+            # HF 5.x reshapes with (-1, head_size), so these are bookkeeping; keep them true anyway
+            attn.num_attention_heads = len(p["kept_heads"])
+            attn.all_head_size = len(rows)
+        if len(p["kept_channels"]) < p["intermediate_before"]:
+            ch = torch.tensor(p["kept_channels"])
+            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, ch, dim=0)
+            layer.output.dense = prune_linear_layer(layer.output.dense, ch, dim=1)
+        out.append({"heads": len(p["kept_heads"]), "head_size": d,
+                    "intermediate": len(p["kept_channels"]), "kept_heads": list(p["kept_heads"])})
+    return out
+
+
+def removed_fractions(pruned_layers: list[dict], before_shapes: list[dict]) -> dict:
+    heads_before = sum(p["heads_before"] for p in before_shapes)
+    ch_before = sum(p["intermediate_before"] for p in before_shapes)
+    return {"heads_before": heads_before, "heads_after": sum(p["heads"] for p in pruned_layers),
+            "heads_removed_fraction": 1 - sum(p["heads"] for p in pruned_layers) / heads_before,
+            "ffn_before": ch_before, "ffn_after": sum(p["intermediate"] for p in pruned_layers),
+            "ffn_removed_fraction": 1 - sum(p["intermediate"] for p in pruned_layers) / ch_before,
+            "pruned_layers": [{k: v for k, v in p.items() if k != "kept_heads"} for p in pruned_layers]}
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def recover(ctx: StageContext, model, tokenizer, data, spec) -> dict:
+    """Distill from the teacher into the pruned model (teacher logits computed once, as in `distill`).
+    Unstructured masks are still attached here, so pruned weights stay zero while the rest trains."""
+    import time
+
+    from optforge import modeling, training
+
+    if "teacher" not in ctx.inputs:
+        raise ValueError("prune with `recover` needs a teacher input (graph.build_graph wires it)")
+    teacher, t_tok, _ = modeling.load_classifier(ctx.inputs["teacher"])
+    t_pad, s_pad = t_tok.pad_token_id or 0, tokenizer.pad_token_id or 0
+    t_ids = training.tokenize(t_tok, data.train_texts, data.max_length)
+    same = type(t_tok) is type(tokenizer) and t_tok.get_vocab() == tokenizer.get_vocab()
+    s_ids = t_ids if same else training.tokenize(tokenizer, data.train_texts, data.max_length)
+    start = time.perf_counter()
+    teacher.float().to(ctx.device).eval()
+    teacher_logits = training.predict_logits(teacher, t_ids, t_pad, ctx.device, batch_size=128)
+    teacher_s = time.perf_counter() - start
+    del teacher
+    stats = training.train(model, s_ids, data.train_labels, spec, ctx.device, s_pad,
+                           teacher_logits=teacher_logits, temperature=spec.temperature, alpha=spec.alpha,
+                           bar=ctx.bar, desc="prune recovery")
+    model.eval()
+    return {"recovery": {**stats, "teacher_logits_s": teacher_s}}
