@@ -98,8 +98,9 @@ def load_yaml(path: Path, display: str | None = None):
 
 
 def locate(root: yaml.Node, path: tuple, want: str = "value") -> tuple[int, int]:
-    """Line/col of the node at `path` ("key" node or "value" node). Parts that are not in the file
-    (defaults, merged keys) fall back to the deepest node that is."""
+    """Line/col of the node at `path` ("key" node or "value" node; a block mapping/list value is
+    located at its key). Parts that are not in the file (defaults, merged keys) fall back to the
+    deepest node that is."""
     node, key_node = root, None
     for part in path:
         found = None
@@ -110,11 +111,16 @@ def locate(root: yaml.Node, path: tuple, want: str = "value") -> tuple[int, int]
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
             found = (None, node.value[part])
         if found is None:
-            return _pos(node)
+            want = "value"  # the part is not written: blame the section that would hold it
+            break
         key_node, node = found
-    if want == "key" and key_node is not None:
-        return _pos(key_node)
+    if key_node is not None and (want == "key" or _is_block(node)):
+        return _pos(key_node)  # a whole block section is best named by its key's line
     return _pos(node)
+
+
+def _is_block(node: yaml.Node) -> bool:
+    return isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style
 
 
 def _unwrap(annotation):

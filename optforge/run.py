@@ -1,9 +1,11 @@
 """Execute a plan: stale stages in dependency order, each into a fresh tmp dir sealed into the cache.
 
 Failure policy (ARCHITECTURE.md): a `StageFailure` is a result -- cached as a failed entry so rebuilds
-do not retry it (`--force` does), dependents are skipped. Any other exception is a bug: its traceback is
-printed, nothing is cached for it, the lock file records the error; the build stops there, or with
-`keep_going` goes on with whatever does not depend on it.
+do not retry it (`--force` does), dependents are skipped, exit status stays 0 (the report shows the
+row as `failed: <reason>`). Any other exception is a bug: its traceback is printed (not for an
+OptforgeError such as DataError, which is the user's to fix: exit 2), nothing is cached for it, the lock
+file records the error; the build stops there, or with `keep_going` goes on with whatever does not
+depend on it.
 
 The lock file is rewritten after every stage, so a killed build keeps what it completed. Nothing here
 imports torch: stage runners do, and only when a stage actually runs.
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 from optforge.cache import Cache
 from optforge.errors import OptforgeError, StageFailure
-from optforge.lockfile import read_lock, write_lock
+from optforge.lockfile import write_lock
 from optforge.plan import StagePlan, select
 from optforge.session import Session, open_session, render, stage_results
 from optforge.stages.base import StageContext
@@ -55,7 +57,8 @@ class BuildResult:
     cached: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # StageFailure, now or recorded earlier, and crashes
     skipped: list[str] = field(default_factory=list)
-    crashed: list[str] = field(default_factory=list)
+    crashed: list[str] = field(default_factory=list)  # stages that raised something other than StageFailure
+    user_errors: list[str] = field(default_factory=list)  # ... of which an OptforgeError (e.g. DataError)
     not_run: list[str] = field(default_factory=list)  # stopped before reaching them
     seconds: float = 0.0
     reports: list[Path] = field(default_factory=list)
@@ -64,7 +67,9 @@ class BuildResult:
     @property
     def exit_code(self) -> int:
         # recorded StageFailures are results (a `failed:` report row), not a broken build
-        return 1 if self.crashed else 0
+        if set(self.crashed) - set(self.user_errors):
+            return 1  # a bug somewhere: its traceback was printed
+        return 2 if self.crashed else 0
 
 
 def verify_inputs(session: Session, plans: list[StagePlan], selected: set[str]) -> None:
@@ -197,8 +202,12 @@ class Executor:
             shutil.rmtree(tmp, ignore_errors=True)
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: leave at once
                 raise
-            reason = f"{type(e).__name__}: {e}"
-            traceback.print_exc(file=sys.stderr)
+            if isinstance(e, OptforgeError):  # e.g. DataError: the user's to fix, so no traceback
+                reason = str(e)
+                self.result.user_errors.append(p.name)
+            else:
+                reason = f"{type(e).__name__}: {e}"
+                traceback.print_exc(file=sys.stderr)
             self._outcome(p, "failed", reason=reason)
             self.result.failed.append(p.name)
             self.result.crashed.append(p.name)
@@ -240,12 +249,18 @@ def dry_run_lines(plans: list[StagePlan], selected: set[str]) -> list[str]:
     return lines
 
 
-def build(recipe: Path | str, *, device: str = "auto", force=(), until: Optional[str] = None,
-          dry_run: bool = False, keep_going: bool = False, wait: bool = False, cache: Cache | None = None,
-          display: str | None = None, echo: Callable[[str], None] = _stdout,
-          log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True) -> BuildResult:
+def build(recipe: Path | str, *, device: str = "auto", cache: Cache | None = None, display: str | None = None,
+          **options) -> BuildResult:
+    """`optforge build`: load and check the recipe, then `execute` it (options: see `execute`)."""
     t0 = time.perf_counter()
-    session = open_session(recipe, device, cache, display)
+    return execute(open_session(recipe, device, cache, display), started=t0, **options)
+
+
+def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run: bool = False,
+            keep_going: bool = False, wait: bool = False, echo: Callable[[str], None] = _stdout,
+            log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True,
+            started: Optional[float] = None) -> BuildResult:
+    t0 = started if started is not None else time.perf_counter()
     force = set(force)
     selected = select(session.graph, until)
     if dry_run:
@@ -254,8 +269,7 @@ def build(recipe: Path | str, *, device: str = "auto", force=(), until: Optional
             echo(line)
         return BuildResult(summary="dry run")
     with session.cache.recipe_lock(session.name, wait):
-        # under the lock: another build of this recipe may have just finished
-        session.lock = (read_lock(session.lock_file) or {}).get("stages", {})
+        session.reload_lock()  # under the lock: another build of this recipe may have just finished
         plans = session.plan(force)
         session.cache.register(session.lock_file)
         if any(p.status == "stale" for p in plans if p.name in selected):

@@ -15,19 +15,20 @@ from pydantic import BaseModel, ValidationError
 
 from optforge import __version__
 from optforge.cache import Cache
-from optforge.errors import OptforgeError
+from optforge.errors import DataError, OptforgeError
 from optforge.fingerprint import (device_fingerprint, library_versions, read_json, resolve_device,
                                   sha256_json, write_json_atomic)
 from optforge.graph import Graph
 from optforge.lockfile import lock_path, read_lock
 from optforge.plan import KindInfo, StagePlan, plan_stages
-from optforge.recipe_io import LoadedRecipe, load_and_check
+from optforge.recipe import Recipe
+from optforge.recipe_io import load_and_check
 from optforge.stages.base import StageKind, get_kind
 
 
 @dataclass
 class Session:
-    loaded: LoadedRecipe
+    name: str  # the recipe's name (lock and report folder names)
     graph: Graph
     cache: Cache
     device: str  # "cpu" | "cuda"
@@ -38,10 +39,8 @@ class Session:
     data_sha: dict[str, dict[str, str]]  # stage name -> role -> sha256 of its data files
     lock_file: Path
     lock: dict = field(default_factory=dict)  # stage name -> record of its last build
-
-    @property
-    def name(self) -> str:
-        return self.loaded.recipe.name
+    recipe: Optional[Recipe] = None  # absent for hand-built graphs (engine tests)
+    recipe_path: Optional[Path] = None
 
     def plan(self, force=()) -> list[StagePlan]:
         for f in force:
@@ -52,10 +51,14 @@ class Session:
         return plan_stages(self.graph, infos, params, self.data_sha, self.versions, self.device_fp,
                            self.lock, self.cache.state, frozenset(force), data_paths)
 
+    def reload_lock(self) -> None:
+        self.lock = (read_lock(self.lock_file) or {}).get("stages", {})
+
     def env(self) -> dict:
         """What the report prints about where and with what the results were made."""
-        data = self.data_sha.get("data") or {"dataset": self.loaded.recipe.data.dataset}
-        return {"recipe_hash": sha256_json(self.loaded.recipe.model_dump(mode="json")),
+        recipe = self.recipe.model_dump(mode="json") if self.recipe else [n.params for n in self.graph.nodes]
+        data = self.data_sha.get("data") or self.data_sha
+        return {"recipe_hash": sha256_json(recipe),
                 "device": self.device_fp,
                 "versions": {**self.versions, "optforge": __version__},
                 "data_fingerprint": sha256_json(data)}
@@ -67,11 +70,9 @@ class Session:
             pass  # only a memo
 
 
-def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None = None,
-                 display: str | None = None) -> Session:
-    loaded, graph = load_and_check(recipe, display)
-    cache = cache or Cache()
-    device = resolve_device(device)
+def make_session(name: str, graph: Graph, cache: Cache, device: str, lock_file: Path,
+                 recipe: Optional[Recipe] = None, recipe_path: Optional[Path] = None) -> Session:
+    """A session over any graph; `device` is already resolved ("cpu" | "cuda")."""
     kinds = {n.kind: get_kind(n.kind) for n in graph.nodes}
     params = {}
     for n in graph.nodes:
@@ -80,14 +81,25 @@ def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None =
         except ValidationError as e:  # the graph and the stage kind disagree: our bug, said plainly
             raise OptforgeError(f"stage {n.name!r}: its parameters do not fit kind {n.kind!r}'s "
                                 f"params_model: {e}") from None
-    data_sha = {n.name: {role: cache.hashes.sha256(p) for role, p in n.data_files.items()}
-                for n in graph.nodes if n.data_files}
-    lock_file = lock_path(loaded.path)
-    lock = (read_lock(lock_file) or {}).get("stages", {})
-    session = Session(loaded, graph, cache, device, device_fingerprint(device, cache.root),
-                      library_versions(), kinds, params, data_sha, lock_file, lock)
+    data_sha = {}
+    for n in graph.nodes:
+        if n.data_files:
+            try:
+                data_sha[n.name] = {role: cache.hashes.sha256(p) for role, p in n.data_files.items()}
+            except OSError as e:
+                raise DataError(f"stage {n.name!r}: cannot read data file: {e}") from None
+    session = Session(name, graph, cache, device, device_fingerprint(device, cache.root), library_versions(),
+                      kinds, params, data_sha, lock_file, recipe=recipe, recipe_path=recipe_path)
+    session.reload_lock()
     session.save_hashes()
     return session
+
+
+def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None = None,
+                 display: str | None = None) -> Session:
+    loaded, graph = load_and_check(recipe, display)
+    return make_session(loaded.recipe.name, graph, cache or Cache(), resolve_device(device),
+                        lock_path(loaded.path), loaded.recipe, loaded.path)
 
 
 # --------------------------------------------------------------------------- results and reports
@@ -147,7 +159,9 @@ def render(session: Session, results: dict, compare: Optional[Path] = None, only
     memo_path = session.cache.root / "rendered" / f"{session.name}.json"
     digest = sha256_json({"results": results, "env": session.env(), "out": str(out_dir.absolute()),
                           "compare": str(compare) if compare else None, "renderer": _renderer_stamp(),
-                          "recipe": str(session.loaded.path.absolute())})
+                          "recipe": str(session.recipe_path.absolute())})
+    if session.recipe is None:
+        return []
     if only_if_changed:
         memo = read_json(memo_path, {}) or {}
         files = memo.get("files")
@@ -158,7 +172,7 @@ def render(session: Session, results: dict, compare: Optional[Path] = None, only
     except ImportError:
         warn("report: optforge.report.render_reports is not available yet; no report written")
         return []
-    files = render_reports(recipe=session.loaded.recipe, recipe_path=session.loaded.path, graph=session.graph,
+    files = render_reports(recipe=session.recipe, recipe_path=session.recipe_path, graph=session.graph,
                            results=results, env=session.env(), out_dir=out_dir, compare=compare)
     files = [Path(f) for f in files or []]
     write_json_atomic(memo_path, {"digest": digest, "files": [str(f.absolute()) for f in files]})

@@ -1,0 +1,87 @@
+"""Pure-Python stand-ins for every stage kind, for engine and CLI tests (no torch, milliseconds each).
+
+Each fake keeps the real kind's params model and hardware flags, so keys and plans behave exactly as
+with the real stages, and writes a real artifact: `artifact.txt` (its params and the digests of its
+inputs) plus `weights.bin`. Tests steer them through environment variables, which also reach a CLI
+run in a subprocess:
+
+    FAKE_FAIL=<stage>        raise StageFailure in that stage
+    FAKE_CRASH=<stage>       raise RuntimeError (a "bug")
+    FAKE_SLEEP=<stage>:<s>   sleep s seconds mid-stage, after writing half of its output
+    FAKE_STARTED=<path>      append "<stage>\\n" to <path> when a stage starts
+    FAKE_RUNS=<path>         append "<stage>\\n" to <path> when a stage finishes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from optforge.errors import StageFailure
+from optforge.recipe import (BenchmarkParams, CompileParams, DataSpec, DistillSpec, EvaluateParams,
+                             PruneParams, QuantizeParams, StudentSpec, TeacherSpec)
+from optforge.stages import base
+from optforge.stages.base import StageContext, StageKind
+
+MODELS = {"data": DataSpec, "teacher": TeacherSpec, "student": StudentSpec, "distill": DistillSpec,
+          "prune": PruneParams, "quantize": QuantizeParams, "compile": CompileParams,
+          "evaluate": EvaluateParams, "benchmark": BenchmarkParams}
+HARDWARE_BOUND = {"compile", "evaluate", "benchmark"}
+
+
+def _append(var: str, line: str) -> None:
+    path = os.environ.get(var)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def fake_run(ctx: StageContext) -> dict:
+    _append("FAKE_STARTED", ctx.name)
+    h = hashlib.sha256(json.dumps(ctx.params.model_dump(mode="json"), sort_keys=True).encode())
+    for role, path in sorted(ctx.inputs.items()):
+        h.update(role.encode() + (path / "artifact.txt").read_bytes())
+    for role, path in sorted(ctx.data_files.items()):
+        h.update(role.encode() + path.read_bytes())
+    digest = h.hexdigest()
+    (ctx.out / "weights.bin").write_bytes(digest.encode() * 64)
+    sleep = os.environ.get("FAKE_SLEEP", "")
+    if sleep.rpartition(":")[0] == ctx.name:
+        time.sleep(float(sleep.rpartition(":")[2]))
+    if os.environ.get("FAKE_FAIL") == ctx.name:
+        raise StageFailure(f"{ctx.name} is unsupported here (fake)")
+    if os.environ.get("FAKE_CRASH") == ctx.name:
+        raise RuntimeError(f"fake bug in {ctx.name}")
+    (ctx.out / "sub").mkdir()
+    (ctx.out / "sub" / "artifact.json").write_text(json.dumps({"name": ctx.name}))
+    (ctx.out / "artifact.txt").write_text(digest)
+    for _ in ctx.bar(range(3), desc="steps"):
+        pass
+    _append("FAKE_RUNS", ctx.name)
+    return {"digest": digest, "inputs": sorted(ctx.input_metrics)}
+
+
+def kind(name: str) -> StageKind:
+    return StageKind(kind=name, version="fake-1", params_model=MODELS[name], run=fake_run,
+                     hardware_bound=name in HARDWARE_BOUND, uses_torch=name != "data")
+
+
+KINDS = {name: kind(name) for name in MODELS}
+# `register` takes "module:ATTRIBUTE": expose each fake as a module attribute
+globals().update({f"KIND_{name}": k for name, k in KINDS.items()})
+
+
+def install() -> dict:
+    """Point every real kind name at its fake; returns the previous registry (for `restore`)."""
+    previous = dict(base._KINDS)
+    for name in MODELS:
+        base.register(name, f"{__name__}:KIND_{name}")
+    return previous
+
+
+def restore(previous: dict) -> None:
+    base._KINDS.clear()
+    base._KINDS.update(previous)
+
