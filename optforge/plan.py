@@ -83,7 +83,7 @@ _UNSET = object()
 def _flatten(d, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists stay whole values (they read best that way)."""
     out = {}
-    if isinstance(d, dict) and d:
+    if isinstance(d, dict) and (d or not prefix):  # an empty nested dict is a value of its own
         for k, v in d.items():
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     else:
@@ -108,9 +108,9 @@ def change_reasons(name: str, new: dict, old: Optional[dict]) -> list[str]:
     if not old:
         return ["new stage"]
     reasons = []
-    if old.get("kind") != new["kind"]:
-        reasons.append(f"kind {old.get('kind')} -> {new['kind']}")
-    elif old.get("version") != new["version"]:
+    if "kind" in old and old["kind"] != new["kind"]:
+        reasons.append(f"kind {old['kind']} -> {new['kind']}")
+    elif "version" in old and old["version"] != new["version"]:
         reasons.append(f"{new['kind']} code version {old.get('version')} -> {new['version']}")
     reasons += param_changes(name, old.get("params", {}), new["params"])
     old_in, old_src = old.get("inputs", {}), old.get("sources", {})

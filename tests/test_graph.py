@@ -1,0 +1,76 @@
+"""The stage graph, on small hand-made graphs and on a recipe (pure: no files are read)."""
+
+from __future__ import annotations
+
+import pytest
+
+from optforge.errors import OptforgeError
+from optforge.graph import Graph, Node, build_graph, to_dot, to_mermaid, toposort
+from optforge.recipe import Recipe
+
+
+def n(name, *deps):
+    return Node(name, "k", {}, {f"in{i}": d for i, d in enumerate(deps)})
+
+
+def test_toposort_keeps_declaration_order_among_ready_nodes():
+    nodes = [n("d", "b", "c"), n("a"), n("b", "a"), n("c", "a")]
+    assert [x.name for x in toposort(nodes)] == ["a", "b", "c", "d"]
+
+
+def test_toposort_names_the_cycle():
+    with pytest.raises(OptforgeError, match=r"cycle: (a -> c -> b -> a|b -> a -> c -> b|c -> b -> a -> c)"):
+        toposort([n("a", "c"), n("b", "a"), n("c", "b"), n("x")])
+
+
+def test_unknown_input_is_named():
+    with pytest.raises(OptforgeError, match="'b' input 'in0' names unknown stage 'zz'"):
+        toposort([n("a"), n("b", "zz")])
+
+
+def test_upstream_and_downstream():
+    g = Graph(toposort([n("a"), n("b", "a"), n("c", "a"), n("d", "b"), n("e")]))
+    assert g.upstream("d") == {"a", "b", "d"}
+    assert g.downstream("a") == {"a", "b", "c", "d"}
+    assert g.downstream("e") == {"e"}
+
+
+def test_require_suggests_a_close_name():
+    g = Graph([n("distill"), n("teacher")])
+    with pytest.raises(OptforgeError, match="did you mean 'distill'"):
+        g.require("distil")
+
+
+RECIPE = {
+    "name": "r", "data": {"dataset": "sst2"},
+    "teacher": {"model": "pkg:m/model"}, "student": {"from_teacher": {"layers": [0]}}, "distill": {},
+    "prune": [{"name": "p2", "model": "p1", "method": "unstructured", "amount": 0.5},
+              {"name": "p1", "method": "structured", "heads": 0.5}],
+    "quantize": [{"name": "q", "method": "int8-dynamic"}],
+    "configs": [{"name": "base"}, {"name": "fast", "model": "p2", "quantize": "q", "compile": "default"}],
+}
+
+
+def test_build_graph_stage_names_and_wiring(tmp_path):
+    g = build_graph(Recipe.model_validate(RECIPE), tmp_path)
+    assert g.names() == ["data", "teacher", "student", "distill", "prune:p1", "prune:p2",
+                         "evaluate:base", "benchmark:base", "quantize:fast", "compile:fast",
+                         "evaluate:fast", "benchmark:fast"]
+    assert g["prune:p1"].inputs == {"model": "distill", "data": "data"}  # "student" means the distilled one
+    assert g["prune:p2"].inputs["model"] == "prune:p1"
+    assert g["benchmark:fast"].inputs["model"] == "compile:fast"
+    assert g["data"].data_files["train"].endswith("sst2/train.tsv")
+    assert g["evaluate:fast"].config == "fast"
+
+
+def test_hf_datasets_have_no_local_files(tmp_path):
+    g = build_graph(Recipe.model_validate(RECIPE | {"data": {"dataset": "hf:glue/sst2"}}), tmp_path)
+    assert g["data"].data_files == {}
+
+
+def test_mermaid_and_dot_list_every_edge(tmp_path):
+    g = build_graph(Recipe.model_validate(RECIPE), tmp_path)
+    edges = sum(len(x.inputs) for x in g.nodes)
+    mermaid, dot = to_mermaid(g), to_dot(g)
+    assert mermaid.startswith("flowchart TD") and mermaid.count("-->") == edges
+    assert dot.startswith("digraph") and dot.count(" -> ") == edges and '"prune:p1" -> "prune:p2"' in dot
