@@ -1,0 +1,224 @@
+"""The content-addressed store: sealing, trust, corruption, locks, registry, gc."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from optforge.cache import MANIFEST, Cache
+from optforge.errors import CacheError
+from optforge.fingerprint import FileHashes, sha256_json
+from optforge.lockfile import lock_path, read_lock, write_lock
+
+K1, K2, K3 = (sha256_json(i) for i in range(3))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return Cache(tmp_path / "cache")
+
+
+def _bump_mtime(path):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+
+
+def seal(cache: Cache, key: str, files: dict[str, bytes] | None = None, **kw):
+    tmp = cache.new_tmp()
+    for rel, data in (files or {"model.safetensors": b"w" * 100, "tok/vocab.txt": b"a\nb\n"}).items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    args = {"status": "ok", "metrics": {"acc": 0.5}, "reason": None, "kind": "k", "stage": "s"} | kw
+    return cache.commit(tmp, key, **args)
+
+
+def test_commit_seals_an_entry_with_a_manifest(cache):
+    state = seal(cache, K1)
+    assert state.status == "ok" and state.metrics == {"acc": 0.5}
+    entry = cache.entry_dir(K1)
+    assert entry == cache.root / "objects" / K1[:2] / K1
+    m = json.loads((entry / MANIFEST).read_text())
+    assert m["key"] == K1 and m["status"] == "ok" and m["kind"] == "k" and m["stage"] == "s"
+    assert set(m["files"]) == {"model.safetensors", "tok/vocab.txt"}
+    assert m["files"]["model.safetensors"]["size"] == 100 and len(m["files"]["model.safetensors"]["sha256"]) == 64
+    assert not any(cache.tmp.iterdir())  # the tmp dir was renamed, not copied
+
+
+def test_entry_without_valid_manifest_is_not_trusted(cache):
+    seal(cache, K1)
+    (cache.entry_dir(K1) / MANIFEST).unlink()
+    assert cache.state(K1).status == "missing"
+    seal(cache, K2)
+    m = json.loads((cache.entry_dir(K2) / MANIFEST).read_text())
+    (cache.entry_dir(K2) / MANIFEST).write_text(json.dumps(m | {"key": K3}))  # moved/copied entry
+    assert cache.state(K2).status == "missing"
+    (cache.entry_dir(K2) / MANIFEST).write_text('{"key": "' + K2 + '", "status": "ok", "fil')  # torn write
+    assert cache.state(K2).status == "missing"
+
+
+def test_deleted_resized_and_flipped_files_are_corrupted(cache):
+    seal(cache, K1)
+    f = cache.entry_dir(K1) / "model.safetensors"
+    f.write_bytes(b"w" * 99)
+    assert cache.state(K1).reason == "model.safetensors size mismatch (99 bytes, expected 100)"
+    f.write_bytes(b"x" * 100)  # same size: the moved mtime triggers a hash
+    _bump_mtime(f)  # file mtimes tick with the kernel's coarse clock: make the move certain
+    assert cache.state(K1).reason == "model.safetensors sha256 mismatch"
+    f.unlink()
+    assert cache.state(K1).reason == "model.safetensors missing"
+
+
+def test_deep_check_catches_what_size_and_mtime_miss(cache):
+    seal(cache, K1)
+    f = cache.entry_dir(K1) / "model.safetensors"
+    st = f.stat()
+    f.write_bytes(b"x" * 100)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # a forged mtime
+    assert cache.state(K1).status == "ok"  # the cheap check trusts size+mtime (documented policy)
+    assert cache.state(K1, deep=True).reason == "model.safetensors sha256 mismatch"
+
+
+def test_touched_file_is_rehashed_once_then_memoised(cache):
+    seal(cache, K1)
+    f = cache.entry_dir(K1) / "model.safetensors"
+    os.utime(f, ns=(1, 1))
+    assert cache.state(K1).status == "ok"
+    cache.hashes.save()
+    memo = FileHashes(cache.root / "fingerprints.json")
+    assert memo.memo[str(f.absolute())]["mtime_ns"] == 1
+
+
+def test_failed_entry_keeps_the_reason_not_the_files(cache):
+    state = seal(cache, K1, status="failed", reason="int4 needs a GPU", metrics={})
+    assert (state.status, state.reason) == ("failed", "int4 needs a GPU")
+    assert sorted(p.name for p in cache.entry_dir(K1).iterdir()) == [MANIFEST]
+
+
+def test_existing_entry_wins_unless_replace(cache):
+    seal(cache, K1, {"a": b"first"})
+    seal(cache, K1, {"a": b"second"})
+    assert (cache.entry_dir(K1) / "a").read_bytes() == b"first"
+    seal(cache, K1, {"a": b"third"}, replace=True)
+    assert (cache.entry_dir(K1) / "a").read_bytes() == b"third"
+    (cache.entry_dir(K1) / "a").write_bytes(b"XXXXX")  # corrupted: a new seal replaces it
+    seal(cache, K1, {"a": b"fixed"})
+    assert (cache.entry_dir(K1) / "a").read_bytes() == b"fixed" and cache.state(K1).status == "ok"
+
+
+def test_cache_dirs_are_keys_only(cache):
+    for bad in ("../../etc", "ab", K1.upper()):
+        with pytest.raises(CacheError):
+            cache.entry_dir(bad)
+    with pytest.raises(CacheError, match="cannot name a lock file"):
+        with cache.recipe_lock("../../x"):
+            pass
+
+
+def test_sweep_tmp_removes_only_dead_builders(cache):
+    mine = cache.new_tmp()
+    dead = cache.tmp / "999999999-abc"
+    dead.mkdir()
+    cache.sweep_tmp()
+    assert mine.exists() and not dead.exists()
+
+
+def test_second_build_of_a_recipe_is_refused_with_the_pid(cache):
+    with cache.recipe_lock("sst2"):
+        with pytest.raises(CacheError, match=rf"another build of 'sst2' is running \(pid {os.getpid()}\)"):
+            with cache.recipe_lock("sst2"):
+                pass
+        with cache.recipe_lock("other"):  # a different recipe is not blocked
+            pass
+
+
+def test_wait_blocks_until_the_lock_is_free(cache):
+    got = []
+    with cache.recipe_lock("sst2"):
+        def waiter():
+            with cache.recipe_lock("sst2", wait=True):
+                got.append(time.monotonic())
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.2)
+        released = time.monotonic()
+        assert not got
+    t.join(5)
+    assert got and got[0] >= released
+
+
+def test_lock_held_by_another_process(cache, tmp_path):
+    code = ("import sys,time; from optforge.cache import Cache; c=Cache(sys.argv[1])\n"
+            "with c.recipe_lock('r'):\n print('locked', flush=True); time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(cache.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheError, match=rf"pid {p.pid}\)"):
+            with cache.recipe_lock("r"):
+                pass
+    finally:
+        p.kill()
+        p.wait()
+    with cache.recipe_lock("r"):  # the kernel released it with the process
+        pass
+
+
+def test_registry_and_gc(cache, tmp_path):
+    for k in (K1, K2, K3):
+        seal(cache, k)
+    a, b = tmp_path / "a.lock", tmp_path / "b.lock"
+    write_lock(a, "a", {"s": {"key": K1}})
+    write_lock(b, "b", {"s": {"key": K2}})
+    cache.register(a)
+    cache.register(b)
+    cache.register(a)
+    assert cache.registered() == [str(a), str(b)]
+
+    removed, kept = cache.gc(dry_run=True)
+    assert removed == [K3] and kept == sorted([K1, K2]) and cache.state(K3).status == "ok"
+    assert cache.gc() == ([K3], sorted([K1, K2]))
+    assert cache.state(K3).status == "missing" and cache.state(K1).status == "ok"
+
+    b.unlink()  # a recipe whose lock file is gone keeps nothing alive, and leaves the registry
+    assert cache.gc()[0] == [K2]
+    assert cache.registered() == [str(a)]
+    assert cache.unregister(a) and not cache.unregister(a)
+    assert cache.gc()[0] == [K1]
+
+
+def test_gc_refuses_while_a_build_runs(cache):
+    seal(cache, K1)
+    with cache.recipe_lock("busy"):
+        with pytest.raises(CacheError, match=r"a build is running \(busy\)"):
+            cache.gc()
+    assert cache.state(K1).status == "ok"
+
+
+def test_lock_file_is_stable_and_only_written_on_change(tmp_path):
+    path = lock_path(tmp_path / "recipes" / "sst2.yaml")
+    assert path == tmp_path / "recipes" / "sst2.lock"
+    stages = {"teacher": {"key": K1, "params": {"b": 1, "a": 2}}, "data": {"key": K2}}
+    assert write_lock(path, "sst2", stages)
+    text = path.read_text()
+    assert text.index('"data"') < text.index('"teacher"') and text.index('"a"') < text.index('"b"')
+    assert not write_lock(path, "sst2", dict(reversed(stages.items())))
+    assert read_lock(path)["stages"]["teacher"]["key"] == K1
+    path.write_text("{torn")
+    assert read_lock(path) is None
+
+
+def test_file_hash_memo(tmp_path):
+    f = tmp_path / "train.tsv"
+    f.write_text("a\t1\n")
+    memo = FileHashes(tmp_path / "fp.json")
+    first = memo.sha256(f)
+    memo.save()
+    f.write_text("b\t0\n")
+    _bump_mtime(f)
+    again = FileHashes(tmp_path / "fp.json")
+    assert again.sha256(f) != first  # size is equal but mtime moved
