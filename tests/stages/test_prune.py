@@ -11,7 +11,6 @@ import torch
 from optforge import modeling
 from optforge.stages import prune
 from tiny_models import TINY, build_tiny, sample_batch, save_tiny
-from conftest import run_stage
 
 TEXTS = ["the movie was good", "a really dull and boring plot that never ends", "great", "it was quite awful"]
 
@@ -25,7 +24,7 @@ def _linear_names(model):
     return [n for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def test_unstructured_sparsity_is_exact_and_permanent(tmp_path, tiny_model, toy_data):
+def test_unstructured_sparsity_is_exact_and_permanent(run_stage, tmp_path, tiny_model, toy_data):
     data_dir, data_metrics = toy_data
     amount = 0.37
     metrics = run_stage("prune", {"method": "unstructured", "amount": amount}, tmp_path,
@@ -58,7 +57,7 @@ def test_unstructured_pruning_removes_masks_and_hooks():
         assert isinstance(m.weight, torch.nn.Parameter)
 
 
-def test_recovery_keeps_pruned_weights_at_zero(tmp_path, tiny_model, toy_data):
+def test_recovery_keeps_pruned_weights_at_zero(run_stage, tmp_path, tiny_model, toy_data):
     data_dir, data_metrics = toy_data
     amount = 0.5
     metrics = run_stage("prune", {"method": "unstructured", "amount": amount,
@@ -83,7 +82,7 @@ def _expected_structured_params(hidden, heads, head_size, inter, removed_heads, 
 
 
 @pytest.mark.parametrize("heads,ffn", [(0.5, 0.5), (0.25, 0.3), (0.0, 0.5), (0.5, 0.0)])
-def test_structured_removes_expected_parameters(tmp_path, tiny_model, toy_data, heads, ffn):
+def test_structured_removes_expected_parameters(run_stage, tmp_path, tiny_model, toy_data, heads, ffn):
     data_dir, data_metrics = toy_data
     metrics = run_stage("prune", {"method": "structured", "heads": heads, "ffn": ffn}, tmp_path,
                         {"model": tiny_model, "data": data_dir}, {"data": data_metrics})
