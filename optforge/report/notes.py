@@ -1,0 +1,174 @@
+""""What the numbers mean": short honest notes generated from the results document. Pure.
+
+Each note is one string; `names` in backticks are rendered as code (and escaped) by the templates.
+A note is only written when the data supports it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from optforge.report import fmt
+from optforge.report.results import worst_cv
+
+GLUE_DOMINATES = 0.5  # end-to-end time outside the model forward, as a fraction
+
+
+def _p50(row: dict, b: str, scope: str) -> Optional[float]:
+    block = row["e2e_latency_ms" if scope == "e2e" else "latency_ms"].get(b)
+    return block["p50"] if block else None
+
+
+def _twin(rows: list[dict], row: dict, **changes) -> Optional[dict]:
+    """The built row that differs from `row` only in the given fields."""
+    want = {k: row[k] for k in ("model", "precision", "quantization", "compiled")} | changes
+    for r in rows:
+        if r is not row and r["status"] == "ok" and all(r[k] == v for k, v in want.items()):
+            return r
+    return None
+
+
+def glue_notes(doc: dict, ok: list[dict]) -> list[str]:
+    out = []
+    batches = doc["benchmark"]["batch_sizes"]
+    base = next((r for r in ok if r["is_baseline"]), ok[0] if ok else None)
+    if base is None or not base["e2e_latency_ms"]:
+        return out
+    parts = []
+    for b in batches:
+        m, e = _p50(base, b, "model"), _p50(base, b, "e2e")
+        if m is not None and e:
+            parts.append(f"batch {b}: forward {fmt.ms(m)} of {fmt.ms(e)} ms, "
+                         f"{fmt.pct(max(e - m, 0) / e * 100)} outside the model")
+    if parts:
+        out.append(f"End-to-end latency = tokenization + host/device copies + forward + softmax and Python glue. "
+                   f"For `{base['name']}`: " + "; ".join(parts) + ".")
+    heavy = []
+    for r in ok:
+        for b in batches:
+            m, e = _p50(r, b, "model"), _p50(r, b, "e2e")
+            if m is not None and e and (e - m) / e >= GLUE_DOMINATES:
+                heavy.append(f"`{r['name']}` at batch {b} ({fmt.pct((e - m) / e * 100)})")
+    if heavy:
+        out.append("Tokenization and glue dominate end-to-end time for " + ", ".join(heavy)
+                   + ": a faster model moves these numbers little; the model-only speedup shows what the "
+                     "optimization itself bought.")
+    return out
+
+
+def bf16_cpu_notes(doc: dict, ok: list[dict]) -> list[str]:
+    dev = doc.get("device_info") or {}
+    if dev.get("kind") != "cpu":
+        return []
+    amx = "amx_bf16" in (dev.get("flags") or [])
+    out = []
+    for r in ok:
+        if r["precision"] != "bf16":
+            continue
+        twin = _twin(ok, r, precision="fp32")
+        if twin is None:
+            continue
+        ratios = [(b, _p50(r, b, "model") / _p50(twin, b, "model")) for b in r["latency_ms"]
+                  if _p50(twin, b, "model") and _p50(r, b, "model")]
+        slower = [(b, x) for b, x in ratios if x > 1.0]
+        if slower:
+            where = ", ".join(f"{x:.2f}x at batch {b}" for b, x in slower)
+            why = ("this CPU has AMX, yet bf16 did not pay off at these shapes" if amx else
+                   "this CPU has no AMX tile units: bf16 GEMMs and the casts around the element-wise ops "
+                   "cost more than the halved weight traffic saves")
+            out.append(f"bf16 is slower than fp32 on this CPU: the model p50 of `{r['name']}` is {where} that "
+                       f"of its fp32 twin `{twin['name']}` ({why}).")
+    return out
+
+
+def sparsity_notes(doc: dict, ok: list[dict], prunes: dict) -> list[str]:
+    out = []
+    for r in ok:
+        p = prunes.get(r["model"])
+        if not p or p["method"] != "unstructured":
+            continue
+        parent = _twin(ok, r, model=p["model"])
+        if parent is None:
+            continue
+        ratios = [_p50(r, b, "model") / _p50(parent, b, "model") for b in r["latency_ms"]
+                  if _p50(parent, b, "model") and _p50(r, b, "model")]
+        if not ratios:
+            continue
+        lo, hi = min(ratios), max(ratios)
+        span = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
+        zeros = ""
+        if r["params"] and r["nonzero_params"] is not None:
+            zeros = f" ({fmt.pct(100 * (1 - r['nonzero_params'] / r['params']))} of parameters are zero)"
+        if hi > 0.9:
+            out.append(f"Unstructured sparsity did not speed up dense kernels: `{r['name']}`{zeros} runs at "
+                       f"{span} the model latency of its dense parent `{parent['name']}`. Zeros are still "
+                       f"multiplied; only structured pruning (fewer heads/channels) or sparse kernels buy time.")
+        else:
+            out.append(f"`{r['name']}`{zeros} runs at {span} the model latency of its dense parent "
+                       f"`{parent['name']}`.")
+    return out
+
+
+def stability_notes(doc: dict, ok: list[dict]) -> list[str]:
+    gate = doc["gates"]["max_cv"]
+    shaky = []
+    for r in ok:
+        worst = worst_cv(r)
+        if worst and worst[0] > gate:
+            shaky.append(f"`{r['name']}` ({fmt.pct(worst[0] * 100)} at batch {worst[1]}, {worst[2]})")
+    if not shaky:
+        return []
+    threads = doc["benchmark"].get("threads")
+    return [f"Unstable timing (cv above the {fmt.pct(gate * 100)} gate): " + ", ".join(shaky)
+            + ". Rerun on a quiet machine" + (f" (timed with {threads} threads)" if threads else "")
+            + " before trusting these speedups."]
+
+
+def peak_notes(doc: dict, ok: list[dict]) -> list[str]:
+    sources = sorted({r["peak_source"] for r in ok if r.get("peak_source")})
+    if not sources:
+        return ["% of peak: n/a (no known peak for this device and precision)."]
+    return ["% of peak = achieved FLOP/s of the model forward (FLOPs of the padded batch / p50) over the "
+            "peak of " + "; ".join(sources) + ". Spec peaks are not reachable in practice (an H100 bf16 "
+            "8192^3 matmul measures ~80% of spec); small batches of short sentences are bound by kernel "
+            "launches and memory, not FLOPs."]
+
+
+def input_notes(doc: dict, ok: list[dict]) -> list[str]:
+    bench = doc["benchmark"]
+    lens = {}
+    for r in ok:
+        for b, n in r["seq_len"].items():
+            if n is not None:
+                lens.setdefault(b, set()).add(n)
+    how = (f"padded to {bench['fixed_length']} tokens" if bench.get("fixed_length")
+           else "padded to the longest in the batch")
+    if lens:
+        how += " (" + ", ".join(f"batch {b}: {'/'.join(str(x) for x in sorted(v))} tokens"
+                                for b, v in sorted(lens.items(), key=lambda kv: int(kv[0]))) + ")"
+    return [f"Inputs: real eval sentences, one seeded sample per batch size, {how}. Latencies are per batch; "
+            f"p50/p99 over time-boxed runs after warm-up; speedup = baseline end-to-end p50 / this end-to-end "
+            f"p50."]
+
+
+def failure_notes(doc: dict) -> list[str]:
+    out = []
+    for r in doc["configs"]:
+        if r["status"] == "failed":
+            out.append(f"Failed: `{r['name']}`: {r['reason']}.")
+        elif r["status"] in ("skipped", "missing"):
+            out.append(f"Not built: `{r['name']}` ({r['reason']}).")
+    return out
+
+
+def build_notes(doc: dict, prunes: dict) -> list[str]:
+    ok = [r for r in doc["configs"] if r["status"] == "ok"]
+    notes = []
+    notes += input_notes(doc, ok)
+    notes += glue_notes(doc, ok)
+    notes += bf16_cpu_notes(doc, ok)
+    notes += sparsity_notes(doc, ok, prunes)
+    notes += stability_notes(doc, ok)
+    notes += peak_notes(doc, ok)
+    notes += failure_notes(doc)
+    return notes

