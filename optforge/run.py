@@ -111,6 +111,7 @@ class Executor:
         self.keys = {p.name: p.key for p in plans}
         self.result = BuildResult()
         self.device_checked = False
+        self.sealed: set[str] = set()  # keys sealed by this build (equal stages run once)
 
     def run(self) -> BuildResult:
         r = self.result
@@ -128,9 +129,10 @@ class Executor:
                 self.echo(f"{'skipped':<8}{p.name} (upstream {bad[0]} failed)")
                 continue
             state = p.entry
-            if p.status == "stale" and p.name not in self.force:
+            if p.key in self.sealed or (p.status == "stale" and p.name not in self.force
+                                        and state.status == "missing"):
                 state = self.s.cache.state(p.key)  # sealed meanwhile: an equal stage, or another build
-            if p.name not in self.force and state.status in ("ok", "failed"):
+            if (p.name not in self.force or p.key in self.sealed) and state.status in ("ok", "failed"):
                 self._cached(p, state)
             else:
                 self._run(p)
@@ -193,6 +195,7 @@ class Executor:
         except StageFailure as e:
             state = cache.commit(tmp, p.key, status="failed", metrics={}, reason=str(e), kind=p.kind,
                                  stage=p.name, replace=True)
+            self.sealed.add(p.key)
             self._outcome(p, "failed", reason=state.reason)
             self.result.failed.append(p.name)
             self.echo(f"{'failed':<8}{p.name}: {state.reason}")
@@ -216,7 +219,8 @@ class Executor:
             return
         dt = time.perf_counter() - t0
         state = cache.commit(tmp, p.key, status="ok", metrics=metrics, reason=None, kind=p.kind,
-                             stage=p.name, replace=p.name in self.force)
+                             stage=p.name, replace=p.name in self.force or p.entry.status == "corrupted")
+        self.sealed.add(p.key)
         self._outcome(p, "ok", state.metrics or metrics)
         self.result.ran.append(p.name)
         self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")

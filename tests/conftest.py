@@ -1,4 +1,5 @@
-"""Shared fixtures, kept to two: an isolated optforge environment and a CLI runner in a subprocess."""
+"""Shared fixtures, kept to three: an isolated optforge environment, a CLI runner in a subprocess, and
+the fake (pure-Python) stage kinds installed in-process."""
 
 from __future__ import annotations
 
@@ -46,3 +47,13 @@ def cli(optforge_env):
         return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, **popen)
 
     return run
+
+
+@pytest.fixture
+def fake_kinds():
+    """Every stage kind replaced by tests/fake_stages.py's fakes for the duration of a test."""
+    import fake_stages
+
+    previous = fake_stages.install()
+    yield fake_stages
+    fake_stages.restore(previous)

