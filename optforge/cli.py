@@ -101,8 +101,6 @@ def build(recipe, device, force, until, dry_run, keep_going, wait):
 
     result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
                        keep_going=keep_going, wait=wait, display=recipe)
-    for f in result.reports:
-        click.echo(f"report: {f}")
     sys.exit(result.exit_code)
 
 

@@ -286,5 +286,7 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
     if render_report:
         results = stage_results(session, plans, result.outcomes)
         result.reports = render(session, results, only_if_changed=True, warn=log)
+        for f in result.reports:
+            echo(f"report: {f}")
     echo(result.summary)
     return result
