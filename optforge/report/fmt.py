@@ -66,3 +66,14 @@ def rate(x: Optional[float]) -> str:
     if x is None:
         return NA
     return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+
+
+def flops_rate(x: Optional[float]) -> str:
+    """FLOP/s with an SI prefix: 3.32e11 -> "332 GFLOP/s"."""
+    if x is None:
+        return NA
+    for div, unit in ((1e15, "PFLOP/s"), (1e12, "TFLOP/s"), (1e9, "GFLOP/s"), (1e6, "MFLOP/s")):
+        if x >= div:
+            v = x / div
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.3g} {unit}"
+    return f"{x:.0f} FLOP/s"

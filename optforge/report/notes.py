@@ -96,9 +96,11 @@ def sparsity_notes(doc: dict, ok: list[dict], prunes: dict) -> list[str]:
             continue
         lo, hi = min(ratios), max(ratios)
         span = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
-        zeros = ""
+        zeros = f" ({p['amount'] * 100:.0f}% of Linear weights zeroed" if p.get("amount") else " ("
         if r["params"] and r["nonzero_params"] is not None:
-            zeros = f" ({fmt.pct(100 * (1 - r['nonzero_params'] / r['params']))} of parameters are zero)"
+            zeros += ("; " if p.get("amount") else "") + \
+                f"{fmt.pct(100 * (1 - r['nonzero_params'] / r['params']))} of all parameters are zero"
+        zeros = zeros + ")" if zeros != " (" else ""
         if hi > 0.9:
             out.append(f"Unstructured sparsity did not speed up dense kernels: `{r['name']}`{zeros} runs at "
                        f"{span} the model latency of its dense parent `{parent['name']}`. Zeros are still "
@@ -125,13 +127,15 @@ def stability_notes(doc: dict, ok: list[dict]) -> list[str]:
 
 
 def peak_notes(doc: dict, ok: list[dict]) -> list[str]:
-    sources = sorted({r["peak_source"] for r in ok if r.get("peak_source")})
-    if not sources:
-        return ["% of peak: n/a (no known peak for this device and precision)."]
+    peaks = sorted({(r.get("compute_precision") or r["precision"], r["peak_flops"], r["peak_source"])
+                    for r in ok if r.get("peak_flops")}, key=lambda p: (p[1], p[0]))
+    if not peaks:
+        return ["% of peak: n/a (no known peak for this device and precision)."] if ok else []
+    listed = "; ".join(f"{prec} {fmt.flops_rate(flops)} ({src})" for prec, flops, src in peaks)
     return ["% of peak = achieved FLOP/s of the model forward (FLOPs of the padded batch / p50) over the "
-            "peak of " + "; ".join(sources) + ". Spec peaks are not reachable in practice (an H100 bf16 "
-            "8192^3 matmul measures ~80% of spec); small batches of short sentences are bound by kernel "
-            "launches and memory, not FLOPs."]
+            f"peak for the row's compute precision: {listed}. Nobody reaches a peak (a large bf16 matmul on "
+            "an H100 measures ~80% of its 989 TFLOP/s spec); small batches of short sentences are bound by "
+            "kernel launches and memory, not FLOPs."]
 
 
 def input_notes(doc: dict, ok: list[dict]) -> list[str]:

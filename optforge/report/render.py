@@ -196,7 +196,7 @@ def render_reports(recipe, recipe_path, graph, results: dict, env: dict, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = assemble(recipe, graph, results, env, recipe_path)
-    prunes = {p.name: {"method": p.method, "model": p.model} for p in recipe.prune}
+    prunes = {p.name: {"method": p.method, "model": p.model, "amount": p.amount} for p in recipe.prune}
     notes = build_notes(doc, prunes)
     changes = None
     if compare is not None:

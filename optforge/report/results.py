@@ -122,6 +122,8 @@ def build_rows(recipe, graph, results: dict) -> list[dict]:
             "threads": bmm.get("threads"),
             "flops_per_sample": _r(bmm.get("flops_per_sample"), 0),
             "peak_source": bmm.get("peak_source"),
+            "peak_flops": _r(bmm.get("peak_flops"), 0),
+            "compute_precision": bmm.get("compute_precision"),
             "latency_ms": {}, "e2e_latency_ms": {}, "throughput": {}, "pct_peak": {}, "cv": {},
             "seq_len": {},
         }

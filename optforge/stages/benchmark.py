@@ -300,7 +300,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
         "precision": params.precision,
         "compute_precision": cprec,
         "peak_flops": peak_flops,
-        "peak_source": (f"{pk['part']}: {pk['source']}" if pk else None),
+        "peak_source": (f"{pk['part']}, {pk['source']}" if pk else None),
         "peak_measured_flops": pk.get("measured_flops") if pk else None,
         "description": str(getattr(runnable, "description", "") or ""),
         "inputs": {"pool": len(texts), "seed": params.seed, "fixed_length": params.fixed_length,
