@@ -117,6 +117,7 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
 
     quant = {q.name: q for q in recipe.quantize}
     max_batch = max(recipe.benchmark.batch_sizes)
+    config_model: dict[str, str] = {}  # config -> the stage whose artifact it runs
     for c in recipe.configs:
         src = model_stage_name(recipe, c.model)
         if c.quantize is not None:
@@ -135,6 +136,18 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
                  {"model": src, "data": "data"}, config=c.name))
         bench = recipe.benchmark.model_dump(mode="json") | {"precision": c.precision}
         add(Node(f"benchmark:{c.name}", "benchmark", bench, {"model": src, "data": "data"}, config=c.name))
+        config_model[c.name] = src
+    sb = recipe.serve_benchmark
+    if sb is not None:
+        # "best" is decided from the evaluate/benchmark results at run time, so every row is an input
+        chosen = [c.name for c in recipe.configs] if sb.config == "best" else [sb.config]
+        inputs = {"data": "data"}
+        for name in chosen:
+            inputs |= {f"model:{name}": config_model[name], f"evaluate:{name}": f"evaluate:{name}",
+                       f"benchmark:{name}": f"benchmark:{name}"}
+        params = sb.model_dump(mode="json") | {
+            "baseline": recipe.baseline_config, "gates": recipe.gates.model_dump(mode="json")}
+        add(Node("serve_benchmark", "serve_benchmark", params, inputs))
     return Graph(toposort(nodes))
 
 

@@ -204,6 +204,27 @@ class GatesSpec(Strict):
     max_cv: float = Field(0.10, gt=0)  # coefficient of variation above which timing is "unstable"
 
 
+class ServeBenchmarkSpec(Strict):
+    """Opt-in: serve one configuration over HTTP on loopback and drive it with open-loop Poisson load,
+    batching off (max_batch 1) and on."""
+
+    config: str = "best"  # a config name, or "best" (the report's best `ready` configuration)
+    slo_p99_ms: float = Field(50.0, gt=0)
+    rates: list[float] = Field(default_factory=lambda: [10.0, 25.0, 50.0, 100.0, 200.0], min_length=1)
+    max_batch: int = Field(32, ge=2, le=4096)  # the batching-on run; batching-off is always max_batch 1
+    max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    duration_s: float = Field(4.0, gt=0, le=120)  # per offered rate
+    max_requests: int = Field(2000, ge=10, le=100000)  # per offered rate
+    seed: int = 0
+
+    @field_validator("rates")
+    @classmethod
+    def _rates(cls, v):
+        if any(r <= 0 for r in v):
+            raise ValueError(f"request rates must be > 0, got {v}")
+        return sorted(v)
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_RE)
     data: DataSpec
@@ -216,6 +237,7 @@ class Recipe(Strict):
     baseline: Optional[str] = None  # a config name; defaults to the first config
     benchmark: BenchmarkSpec = BenchmarkSpec()
     gates: GatesSpec = GatesSpec()
+    serve_benchmark: Optional[ServeBenchmarkSpec] = None
 
     # Cross-references are checked here so every consumer can trust them. Errors carry their key path.
     @model_validator(mode="after")
@@ -275,8 +297,12 @@ def check_references(r: Recipe) -> None:
             raise RecipeError(_unknown("model", c.model, models), ("configs", i, "model"))
         if c.quantize is not None and c.quantize not in qnames:
             raise RecipeError(_unknown("quantize entry", c.quantize, qnames), ("configs", i, "quantize"))
-    if r.baseline is not None and r.baseline not in [c.name for c in r.configs]:
-        raise RecipeError(_unknown("config", r.baseline, [c.name for c in r.configs]), ("baseline",))
+    cnames = [c.name for c in r.configs]
+    if r.baseline is not None and r.baseline not in cnames:
+        raise RecipeError(_unknown("config", r.baseline, cnames), ("baseline",))
+    sb = r.serve_benchmark
+    if sb is not None and sb.config != "best" and sb.config not in cnames:
+        raise RecipeError(_unknown("config", sb.config, cnames + ["best"]), ("serve_benchmark", "config"))
 
 
 def _unknown(what: str, value: str, known: list[str]) -> str:
@@ -335,3 +361,8 @@ class EvaluateParams(Strict):
 
 class BenchmarkParams(BenchmarkSpec):
     precision: Precision = "fp32"
+
+
+class ServeBenchmarkParams(ServeBenchmarkSpec):
+    baseline: str
+    gates: GatesSpec

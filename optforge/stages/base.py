@@ -77,6 +77,7 @@ _KINDS: dict[str, str] = {
     "compile": "optforge.stages.compile:KIND",
     "evaluate": "optforge.stages.evaluate:KIND",
     "benchmark": "optforge.stages.benchmark:KIND",
+    "serve_benchmark": "optforge.stages.serve_benchmark:KIND",
 }
 
 
