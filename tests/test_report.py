@@ -307,3 +307,19 @@ def test_parse_markdown_rejects_other_files(tmp_path):
 
     with pytest.raises(OptforgeError, match="no production-readiness table"):
         parse_markdown("# hello\n", tmp_path / "x.md")
+
+
+def test_model_scope_speedup_when_end_to_end_is_off(tmp_path):
+    r = recipe(benchmark={"batch_sizes": [1, 32], "end_to_end": False})
+    res = make_results()
+    for name, st in res.items():
+        if name.startswith("benchmark:") and st["status"] == "ok":
+            for entry in st["metrics"]["batches"].values():
+                entry["e2e"] = None
+    paths = render(tmp_path, r, res)
+    doc = json.loads(paths[2].read_text())
+    stu = row(doc, "student-int8")
+    assert stu["e2e_latency_ms"] == {} and stu["speedup_scope"] == "model"
+    assert stu["speedup"] == {"1": round(10 / 3, 4), "32": round(100 / 30, 4)}
+    html = paths[1].read_text()
+    assert "model p50 latency at batch 1" in html  # the chart falls back to the model scope
