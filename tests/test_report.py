@@ -58,7 +58,8 @@ def bench(model: dict, e2e: dict, cv: float = 0.02, params: int = 22_700_000, no
         "device": {"kind": "cpu", "name": "Test CPU", "cores": 2, "mhz": 2600.0, "flags": ["fma", "avx512f"]},
         "threads": 2, "params": params, "nonzero_params": nonzero if nonzero is not None else params,
         "size_mb": params * 4 / 1e6, "load_s": 0.2, "warmup_s": 0.5, "peak_mem_mb": 12.5, "flops_per_sample": 1e9,
-        "peak_source": "Test CPU: computed", "batches": {
+        "peak_flops": 3.3e11, "peak_source": "Test CPU, 2 cores x 2.60 GHz x 64 flop/cycle/core, AVX-512",
+        "compute_precision": "fp32", "batches": {
             b: {"model": stats(model[b], cv, int(b)), "e2e": stats(e2e[b], cv, int(b)), "seq_len": 20}
             for b in model}}}
 
@@ -262,6 +263,7 @@ def test_notes_come_from_the_data(tmp_path):
     assert "Unstructured sparsity did not speed up dense kernels: `sparse`" in md and "`student`" in md
     assert "Failed: `student-int4`: quantize: int4 weight-only needs CUDA (tinygemm)" in md
     assert "outside the model" in md  # end-to-end vs model split
+    assert "fp32 330 GFLOP/s (Test CPU, 2 cores x 2.60 GHz" in md
 
 
 def test_pareto_front():

@@ -130,7 +130,8 @@ def peak_notes(doc: dict, ok: list[dict]) -> list[str]:
     peaks = sorted({(r.get("compute_precision") or r["precision"], r["peak_flops"], r["peak_source"])
                     for r in ok if r.get("peak_flops")}, key=lambda p: (p[1], p[0]))
     if not peaks:
-        return ["% of peak: n/a (no known peak for this device and precision)."] if ok else []
+        known = any(v is not None for r in ok for sc in r["pct_peak"].values() for v in sc.values())
+        return ["% of peak: n/a (no known peak for this device and precision)."] if ok and not known else []
     listed = "; ".join(f"{prec} {fmt.flops_rate(flops)} ({src})" for prec, flops, src in peaks)
     return ["% of peak = achieved FLOP/s of the model forward (FLOPs of the padded batch / p50) over the "
             f"peak for the row's compute precision: {listed}. Nobody reaches a peak (a large bf16 matmul on "
