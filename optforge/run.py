@@ -238,7 +238,8 @@ def _summary(r: BuildResult) -> str:
                 f"{len(r.not_run)} not run in {r.seconds:.1f}s (--keep-going builds what does not depend on it)")
     if not r.ran and not r.crashed:
         return f"nothing to do: {len(r.cached)} stages fresh{extra}"
-    return f"build: {len(r.ran)} ran, {len(r.cached)} cached{extra} in {r.seconds:.1f}s"
+    crashed = f"; crashed: {', '.join(r.crashed)} (see above)" if r.crashed else ""
+    return f"build: {len(r.ran)} ran, {len(r.cached)} cached{extra} in {r.seconds:.1f}s{crashed}"
 
 
 def dry_run_lines(plans: list[StagePlan], selected: set[str]) -> list[str]:
