@@ -103,7 +103,7 @@ def param_changes(stage: str, old: dict, new: dict) -> list[str]:
     return out
 
 
-def change_reasons(name: str, new: dict, old: Optional[dict]) -> list[str]:
+def change_reasons(name: str, new: dict, old: Optional[dict], data_paths: Mapping[str, str] | None = None) -> list[str]:
     """Why a stage whose key moved is stale: what differs between its lock record and its new record."""
     if not old:
         return ["new stage"]
@@ -124,7 +124,7 @@ def change_reasons(name: str, new: dict, old: Optional[dict]) -> list[str]:
         reasons.append(f"input {role} removed")
     for role, digest in new["data"].items():
         if old.get("data", {}).get(role) != digest:
-            reasons.append(f"data file {role} changed ({new.get('data_paths', {}).get(role, role)})")
+            reasons.append(f"data file {role} changed ({(data_paths or {}).get(role, role)})")
     for lib, version in new.get("versions", {}).items():
         was = old.get("versions", {}).get(lib)
         if "versions" in old and was != version:
@@ -151,9 +151,8 @@ def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict]
         material = key_material(node.kind, info, params[node.name], {r: keys[s] for r, s in node.inputs.items()},
                                 data.get(node.name, {}), versions, device)
         key = keys[node.name] = stage_key(material)
+        # no file paths in the record: they differ between machines, the lock file should not
         record = material | {"key": key, "sources": dict(node.inputs)}
-        if data_paths and data_paths.get(node.name):
-            record["data_paths"] = dict(data_paths[node.name])
         state = entry(key)
         old = lock.get(node.name)
         reasons: list[str] = []
@@ -175,7 +174,7 @@ def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict]
                 else:
                     reasons.append("output missing")
             else:
-                reasons = change_reasons(node.name, record, old)
+                reasons = change_reasons(node.name, record, old, (data_paths or {}).get(node.name))
         out.append(StagePlan(node.name, node.kind, key, status, reasons, record, state))
     _mark_blocked(graph, out)
     return out

@@ -57,7 +57,9 @@ class Session:
     def env(self) -> dict:
         """What the report prints about where and with what the results were made."""
         recipe = self.recipe.model_dump(mode="json") if self.recipe else [n.params for n in self.graph.nodes]
-        data = self.data_sha.get("data") or self.data_sha
+        # local files: their content hashes; a hub dataset: what names it
+        data = self.data_sha.get("data") or (self.graph["data"].params if "data" in self.graph.by_name
+                                             else self.data_sha)
         return {"recipe_hash": sha256_json(recipe),
                 "device": self.device_fp,
                 "versions": {**self.versions, "optforge": __version__},
