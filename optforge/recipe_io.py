@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from optforge.errors import RecipeError, format_path
+from optforge.errors import RecipeError
 from optforge.recipe import Recipe
 
 
@@ -274,4 +274,4 @@ def load_and_check(path: Path | str, display: str | None = None):
 
 
 __all__ = ["RecipeLoader", "RecipeErrors", "LoadedRecipe", "load_yaml", "load_recipe", "load_and_check",
-           "locate", "model_at", "format_path"]
+           "locate", "model_at"]

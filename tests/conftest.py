@@ -11,13 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-def shared_data_root() -> Path:
-    """The SST-2 TSVs live outside the repo (never committed): ../shared/data from the repo root."""
-    return Path(os.environ.get("OPTFORGE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+from optforge_testing import TESTS, shared_data_root
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO
+from optforge_testing import REPO
 from optforge import __version__
 from optforge.cache import Cache
 from optforge.cli import main

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, shared_data_root
+from optforge_testing import REPO, shared_data_root
 from optforge.cli import main
 from optforge.errors import RecipeError
 from optforge.recipe_io import load_and_check, load_recipe, locate, load_yaml, model_at

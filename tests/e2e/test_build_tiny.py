@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO, shared_data_root
+from optforge_testing import REPO, shared_data_root
 from optforge.cache import Cache
 from optforge.graph import build_graph
 from optforge.lockfile import read_lock
