@@ -22,8 +22,18 @@ from torch import nn
 
 
 def configure_threads() -> int:
-    """Use every core for intra-op parallelism (the default can be fewer)."""
-    n = os.cpu_count() or 1
+    """Use every core this process may run on for intra-op parallelism (torch's default can be fewer).
+
+    $OPTFORGE_THREADS overrides: on a machine whose cores other jobs are also using, fewer threads are
+    much faster (measured on a shared 2-core box: 1 thread trained a 3-layer H384 encoder 2.5-4x faster
+    than 2 threads, because every parallel op waits for its preempted sibling thread)."""
+    env = os.environ.get("OPTFORGE_THREADS", "").strip()
+    if env:
+        n = max(1, int(env))
+    elif hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0)) or 1
+    else:
+        n = os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
 

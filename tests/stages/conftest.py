@@ -1,4 +1,5 @@
-"""Fixtures for stage tests (no test imports this module: use the fixtures): hand-made StageContexts, a tiny separable dataset, a tiny random teacher.
+"""Fixtures for stage tests: hand-made StageContexts, a tiny separable dataset, a tiny random teacher.
+(Tests use the fixtures; nothing imports this module, since several conftest.py files coexist.)
 
 Everything is CPU, random-init and small (hidden 32, <= 512 examples), so each test takes seconds."""
 

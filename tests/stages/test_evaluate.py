@@ -43,7 +43,8 @@ def test_accuracy_equals_a_hand_count(toy_data, run_stage, tmp_path):
     correct = sum(p == y for p, y in zip(preds, labels))
     assert 0 < correct < 64
     for bs in (1, 7, 64):
-        m = run_stage("evaluate", {"batch_size": bs}, tmp_path / f"e{bs}", {"model": tmp_path / "m", "data": toy_data[0]})
+        m = run_stage("evaluate", {"batch_size": bs}, tmp_path / f"e{bs}",
+                      {"model": tmp_path / "m", "data": toy_data[0]})
         assert m["n"] == len(labels) == 64
         assert m["accuracy"] == correct / 64
         assert m["macro_f1"] == pytest.approx(classification_metrics(preds, labels, 2)["macro_f1"])
@@ -74,7 +75,8 @@ def test_unsupported_kernel_becomes_a_stage_failure(tiny_teacher, toy_data, run_
     monkeypatch.setattr(optforge.runtime, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
     with pytest.raises(StageFailure) as info:
         run_stage("evaluate", {}, tmp_path, {"model": tiny_teacher[0], "data": toy_data[0]})
-    assert str(info.value) == "forward: Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend."
+    assert str(info.value) == \
+        "forward: Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend."
 
     def no_loader(*a):
         raise NotImplementedError("int4 weight-only needs CUDA")
