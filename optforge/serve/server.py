@@ -115,9 +115,15 @@ def main(argv=None) -> int:
     from optforge.serve.app import create_app
     from optforge.serve.model import load_for_serving
 
+    import os
+
+    import torch
+
     runnable, run = load_for_serving(args.artifact, args.device, args.precision)
+    info = {"config": args.config, "model": runnable.description, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
     app = create_app(run, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                     info={"config": args.config, "model": runnable.description})
+                     info=info)
 
     def ready(host, port):
         print(json.dumps({"port": port}), flush=True)

@@ -1,0 +1,180 @@
+"""serve_benchmark: choosing the configuration (pure, on plain metrics), the stage on a tiny artifact,
+and the whole thing end to end on a trimmed copy of recipes/tiny.yaml with a `serve_benchmark:` section.
+
+Rates and durations are tiny: these tests check what is measured and recorded, never how fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from optforge.errors import StageFailure
+from optforge.recipe import GatesSpec
+from optforge.serve.choose import choose_config
+from tiny_models import save_tiny
+
+REPO = Path(__file__).resolve().parents[2]
+GATES = GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5, max_cv=0.5)
+
+
+def ev(acc):
+    return {"accuracy": acc, "macro_f1": acc, "n": 100}
+
+
+def bm(p50_1, p50_8, cv=0.01):
+    def stats(p50):
+        return {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "std": 0, "cv": cv, "throughput": 1000 / p50,
+                "runs": 10, "pct_peak": None}
+
+    return {"precision": "fp32", "batches": {"1": {"model": stats(p50_1), "e2e": stats(p50_1)},
+                                             "8": {"model": stats(p50_8), "e2e": stats(p50_8)}}}
+
+
+def metrics(**rows):
+    out = {}
+    for name, (acc, p1, p8) in rows.items():
+        out[f"evaluate:{name}"] = ev(acc)
+        out[f"benchmark:{name}"] = bm(p1, p8)
+    return out
+
+
+# --------------------------------------------------------------------------- choosing (pure)
+
+
+def test_best_is_the_reports_best_ready_config():
+    m = metrics(base=(0.90, 10, 40), fast=(0.895, 4, 16), faster=(0.85, 2, 8), ok=(0.90, 6, 24))
+    c = choose_config("best", ["base", "fast", "faster", "ok"], m, "base", GATES)
+    # faster drops 5 points (not ready); fast (2.5x) beats ok (1.67x)
+    assert c["config"] == "fast" and c["verdict"] == "ready" and "best ready" in c["why"]
+
+
+def test_no_ready_config_falls_back_to_the_fastest_within_the_accuracy_gate_and_says_why():
+    m = metrics(base=(0.90, 10, 40), slowish=(0.90, 8, 32), inaccurate=(0.70, 1, 4))
+    c = choose_config("best", ["base", "slowish", "inaccurate"], m, "base", GATES)
+    assert c["config"] == "slowish"
+    assert "no configuration is ready" in c["why"] and "inaccurate: accuracy drop" in c["why"]
+    assert "slowish: speedup 1.2x < 1.5x" in c["why"] and "base:" not in c["why"]
+
+
+def test_only_the_baseline_within_the_gate():
+    m = metrics(base=(0.90, 10, 40), bad=(0.50, 1, 4))
+    assert choose_config("best", ["base", "bad"], m, "base", GATES)["config"] == "base"
+
+
+def test_a_named_config_is_served_as_named():
+    m = metrics(base=(0.90, 10, 40), bad=(0.50, 1, 4))
+    assert choose_config("bad", ["bad"], m, "base", GATES) == {
+        "requested": "bad", "config": "bad", "verdict": None, "why": "named in the recipe"}
+
+
+def test_configs_without_metrics_are_not_chosen_and_nothing_built_fails_clearly():
+    m = metrics(base=(0.90, 10, 40))
+    assert choose_config("best", ["base", "gone"], m, "base", GATES)["config"] == "base"
+    with pytest.raises(StageFailure, match="nothing to serve"):
+        choose_config("best", ["a", "b"], {}, "a", GATES)
+
+
+# --------------------------------------------------------------------------- the stage on a tiny artifact
+
+PARAMS = {"config": "best", "slo_p99_ms": 5000.0, "rates": [20.0, 40.0], "max_batch": 4, "max_wait_ms": 2.0,
+          "duration_s": 0.5, "max_requests": 15, "seed": 0, "baseline": "base", "gates": GATES.model_dump()}
+
+
+def check_serving(serving: dict, config: str, rates: list[float], max_batch: int) -> None:
+    assert serving["config"] == config
+    runs = serving["runs"]
+    modes = [r["mode"] for r in runs]
+    assert set(modes) == {"batching_off", "batching_on"}
+    for r in runs:
+        assert r["max_batch"] == (1 if r["mode"] == "batching_off" else max_batch)
+        assert r["offered_rps"] in rates
+        assert 0 < r["sent"] <= PARAMS["max_requests"] and r["ok"] + r["rejected"] + r["errors"] + r["timeouts"] == r["sent"]
+        assert r["achieved_rps"] >= 0 and isinstance(r["meets_slo"], bool)
+        if r["ok"]:
+            assert 0 <= r["p50_ms"] <= r["p99_ms"]
+            assert {"queue", "tokenize", "forward", "postprocess", "serialize", "total"} <= set(r["breakdown_ms"])
+            assert 1 <= r["mean_batch_size"] <= r["max_batch"]
+    assert set(serving["max_rps_under_slo"]) == {"batching_off", "batching_on"}
+    assert all(isinstance(v, float) for v in serving["max_rps_under_slo"].values())
+    json.dumps(serving, allow_nan=False)
+
+
+def test_stage_serves_the_best_config_and_records_both_modes(tmp_path, run_stage, toy_data):
+    data_dir, _ = toy_data
+    base = save_tiny(tmp_path / "base", seed=0)
+    fast = save_tiny(tmp_path / "fast", seed=1, num_layers=1)
+    inputs = {"data": data_dir, "model:base": base, "model:fast": fast}
+    m = metrics(base=(0.90, 10, 40), fast=(0.90, 4, 16))
+    for role in m:
+        inputs[role] = tmp_path  # evaluate/benchmark artifacts are not read, only their metrics
+    out = run_stage("serve_benchmark", PARAMS, tmp_path / "out", inputs, m)
+    serving = out["serving"]
+    check_serving(serving, "fast", PARAMS["rates"], 4)
+    assert serving["choice"]["config"] == "fast" and serving["slo_p99_ms"] == 5000.0
+    assert serving["server"]["torch_threads"] >= 1
+    assert json.loads((tmp_path / "out" / "serving.json").read_text()) == serving
+
+
+def test_a_server_that_cannot_start_is_a_stage_failure(tmp_path, run_stage, toy_data):
+    data_dir, _ = toy_data
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "optforge_model.json").write_text('{"format": "nonsense", "max_length": 8, "num_labels": 2}')
+    m = metrics(base=(0.9, 10, 40))
+    params = PARAMS | {"config": "base"}
+    with pytest.raises(StageFailure, match="server exited"):
+        run_stage("serve_benchmark", params, tmp_path / "out", {"data": data_dir, "model:base": broken,
+                                                                 "evaluate:base": tmp_path, "benchmark:base": tmp_path}, m)
+
+
+# --------------------------------------------------------------------------- end to end on the tiny recipe
+
+TINY = REPO / "recipes" / "tiny.yaml"
+DATA = Path(os.environ.get("OPTFORGE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.mark.skipif(not TINY.is_file(), reason="recipes/tiny.yaml not written yet")
+@pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
+def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
+    recipe = yaml.safe_load(TINY.read_text())
+    # trimmed to three rows (a float baseline, a float student, a quantized student) so the build is short
+    keep = {"baseline", "student", "student-dyn8"}
+    recipe["configs"] = [c for c in recipe["configs"] if c["name"] in keep]
+    recipe["prune"] = []
+    recipe["quantize"] = [q for q in recipe["quantize"] if any(c.get("quantize") == q["name"]
+                                                               for c in recipe["configs"])]
+    recipe["name"] = "tiny-serve"
+    recipe["serve_benchmark"] = {"config": "best", "slo_p99_ms": 50, "rates": [10, 30], "max_batch": 8,
+                                 "max_wait_ms": 2, "duration_s": 0.5, "max_requests": 15}
+    path = tmp_path / "tiny-serve.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    env = dict(os.environ, OPTFORGE_CACHE=str(tmp_path / "cache"), OPTFORGE_DATA_ROOT=str(DATA))
+    result = subprocess.run([sys.executable, "-m", "optforge.cli", "build", str(path), "--device", "cpu"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ran     serve_benchmark" in result.stdout, result.stdout
+
+    from optforge.cache import Cache
+    from optforge.lockfile import read_lock
+
+    lock = read_lock(path.with_suffix(".lock"))
+    key = lock["stages"]["serve_benchmark"]["key"]
+    serving = Cache(tmp_path / "cache").manifest(key)["metrics"]["serving"]
+    check_serving(serving, serving["config"], [10.0, 30.0], 8)
+    assert serving["config"] in keep and serving["choice"]["requested"] == "best"
+
+    doc = json.loads((tmp_path / "reports" / "tiny-serve" / "results.json").read_text())
+    if "serving" in doc:  # once the report assembles it (optforge/report/serving.py)
+        assert doc["serving"]["config"] == serving["config"]
+        md = (tmp_path / "reports" / "tiny-serve" / "report.md").read_text()
+        assert "## Serving" in md and "batching on" in md
+
+    again = subprocess.run([sys.executable, "-m", "optforge.cli", "build", str(path), "--device", "cpu"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
