@@ -177,5 +177,24 @@ def clean(recipe):
         click.echo(f"clean: forgot {lock_file}; run `optforge gc` to free its cache entries")
 
 
+@main.command("serve")
+@click.argument("recipe")
+@click.option("--config", default="best", show_default=True,
+              help="A config name, or best (the report's best ready one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to bind (0: any free port).")
+@click.option("--max-batch", type=int, default=32, show_default=True,
+              help="Largest batch per forward pass (1: no batching).")
+@click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
+              help="Longest a request waits for its batch to fill.")
+@device_option
+@user_errors
+def serve(recipe, config, host, port, max_batch, max_wait_ms, device):
+    """Serve a built configuration over HTTP: POST /predict, GET /healthz, GET /metrics."""
+    from optforge.serve.cli import serve_command
+
+    serve_command(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

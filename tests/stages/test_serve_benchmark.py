@@ -5,10 +5,15 @@ Rates and durations are tiny: these tests check what is measured and recorded, n
 
 from __future__ import annotations
 
+import contextlib
+import http.client as http_client
 import json
 import os
+import re
+import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +183,74 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "optforge.cli", "build", str(path), "--device", "cpu"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+
+    # `optforge serve` on what was built: the config the stage chose, then a name that does not exist
+    with serve_cli(path, "--config", serving["config"], cwd=tmp_path, env=env) as port:
+        status, body = http(port, "GET", "/healthz")
+        assert status == 200 and json.loads(body)["config"] == serving["config"]
+        status, body = http(port, "POST", "/predict", b'{"texts": ["a fine film", "dull"]}')
+        assert status == 200 and len(json.loads(body)["predictions"]) == 2
+    bad = subprocess.run([sys.executable, "-m", "optforge.cli", "serve", str(path), "--config", "studnet",
+                          "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "did you mean 'student'" in bad.stderr, bad.stderr
+
+
+@pytest.mark.skipif(not TINY.is_file(), reason="recipes/tiny.yaml not written yet")
+@pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
+def test_serve_before_build_says_so(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.read_text())
+    env = dict(os.environ, OPTFORGE_CACHE=str(tmp_path / "cache"), OPTFORGE_DATA_ROOT=str(DATA))
+    for config in ("baseline", "best"):
+        r = subprocess.run([sys.executable, "-m", "optforge.cli", "serve", str(path), "--config", config,
+                            "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "not built" in r.stderr or "is ready" in r.stderr, r.stderr
+        assert f"run optforge build {path} first" in r.stderr, r.stderr
+
+
+@contextlib.contextmanager
+def serve_cli(recipe: Path, *args, cwd: Path, env: dict):
+    """`optforge serve RECIPE --port 0 ARGS` in the background; yields its port (read from its output)."""
+    proc = subprocess.Popen([sys.executable, "-m", "optforge.cli", "serve", str(recipe), "--port", "0",
+                             "--device", "cpu", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        port, seen = None, []
+        deadline = time.monotonic() + 180
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while port is None and time.monotonic() < deadline and proc.poll() is None:
+                if sel.select(timeout=0.5):
+                    line = proc.stdout.readline()
+                    seen.append(line)
+                    m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+                    if m:
+                        port = int(m.group(1))
+        assert port is not None, "".join(seen)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the socket is bound before the app starts: wait for it
+            try:
+                if http(port, "GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(20)
+
+
+def http(port: int, method: str, path: str, body: bytes | None = None):
+    conn = http_client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

@@ -1,0 +1,93 @@
+"""`optforge serve RECIPE`: find a built configuration's artifact in the cache and serve it.
+
+Nothing is built here: the artifact comes from the cache entry that the last build recorded for the
+configuration's model stage (quantize:<c> / compile:<c> / the model stage), found through the same
+plan `optforge plan` prints. "best" is the report's best ready configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from optforge.errors import OptforgeError
+
+
+def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Path, str, Optional[str]]:
+    """(config name, artifact dir, precision, why) for `config` (a name or "best") of a built recipe."""
+    recipe, graph = session.recipe, session.graph
+    names = [c.name for c in recipe.configs]
+    why = None
+    if config == "best":
+        config, why = best_config(session, plans, display)
+    elif config not in names:
+        from optforge.recipe import _unknown
+
+        raise OptforgeError(_unknown("config", config, names))
+    by_name = {p.name: p for p in plans}
+    model_stage = graph[f"evaluate:{config}"].inputs["model"]
+    p = by_name[model_stage]
+    if p.status != "fresh" or p.entry.status == "missing":
+        raise OptforgeError(f"config {config!r} is not built ({model_stage}: {'; '.join(p.reasons) or 'stale'}); "
+                            f"run optforge build {display} first")
+    if p.entry.status == "failed":
+        raise OptforgeError(f"config {config!r} failed to build ({model_stage}: {p.entry.reason}); "
+                            "nothing to serve")
+    precision = next(c.precision for c in recipe.configs if c.name == config)
+    return config, session.cache.entry_dir(p.key), precision, why
+
+
+def best_config(session, plans, display: str) -> tuple[str, str]:
+    from optforge.report import results as report_results
+    from optforge.session import stage_results
+
+    recipe = session.recipe
+    rows = report_results.build_rows(recipe, session.graph, stage_results(session, plans))
+    report_results.add_comparisons(rows, recipe.baseline_config)
+    report_results.add_verdicts(rows, recipe.baseline_config, recipe.gates)
+    best = report_results.pick_best(rows)
+    if best is None:
+        verdicts = "; ".join(f"{r['name']}: {r['verdict']}" for r in rows)
+        raise OptforgeError(f"no configuration of {display} is ready to serve ({verdicts}); run optforge build "
+                            f"{display} first, or name one with --config NAME")
+    return best, "the report's best ready configuration"
+
+
+def serve_command(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,
+                  max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
+                  max_queue: Optional[int] = None, echo: Callable[[str], None] = print) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    if max_batch < 1:
+        raise OptforgeError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_wait_ms < 0:
+        raise OptforgeError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+    if not 0 <= port <= 65535:
+        raise OptforgeError(f"--port must be in 0..65535, got {port}")
+    from optforge.session import open_session
+
+    display = str(recipe_path)
+    session = open_session(recipe_path, device, display=display)
+    plans = session.plan()
+    session.save_hashes()
+    name, artifact, precision, why = resolve_artifact(session, plans, config, display)
+
+    from optforge.serve.app import create_app
+    from optforge.serve.model import load_for_serving
+    from optforge.serve.server import serve_forever
+
+    runnable, run = load_for_serving(artifact, session.device, precision)
+    app = create_app(run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                     info={"config": name, "model": runnable.description, "recipe": session.name})
+
+    def ready(bound_host, bound_port):
+        echo(f"serving {name!r}{f' ({why})' if why else ''}: {runnable.description} on {session.device}, "
+             f"max batch {max_batch}, window {max_wait_ms:g} ms")
+        echo(f"listening on http://{bound_host}:{bound_port}  (POST /predict, GET /healthz, GET /metrics; "
+             "Ctrl-C stops)")
+        if bound_host not in ("127.0.0.1", "::1", "localhost"):
+            echo(f"warning: {bound_host} is reachable from other machines; this server has no authentication")
+
+    try:
+        serve_forever(app, host, port, log_level="info", on_ready=ready)
+    except OSError as e:
+        raise OptforgeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
