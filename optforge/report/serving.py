@@ -57,7 +57,8 @@ def serving_view(serving: Optional[dict]) -> Optional[dict]:
         failed = r.get("sent", 0) - r.get("ok", 0)
         rows.append({
             "mode": MODE_LABEL.get(mode, mode), "max_batch": r["max_batch"],
-            "offered": _rate(r["offered_rps"]), "achieved": _rate(r["achieved_rps"]),
+            "offered": _rate(r["offered_rps"]), "arrived": _rate(r.get("arrival_rps")),
+            "achieved": _rate(r["achieved_rps"]),
             "p50": fmt.ms(r.get("p50_ms")), "p99": fmt.ms(r.get("p99_ms")),
             "meets": "yes" if r.get("meets_slo") else "no",
             "answered": f"{r.get('ok', 0)}/{r.get('sent', 0)}" + (f" ({failed} failed)" if failed else ""),

@@ -190,7 +190,8 @@ class LoadRun:
     offered_rps: float
     duration_s: float
     records: list[RequestRecord]
-    elapsed_s: float  # from the start of the schedule to the last response (or timeout)
+    elapsed_s: float  # the schedule's window, or longer when responses came after it ended
+    window_s: float = 0.0  # duration_s, or the last arrival when max_requests cut the schedule short
 
 
 async def run_load(port: int, texts: Sequence[str], rate: float, duration_s: float, max_requests: int,
@@ -256,10 +257,11 @@ async def run_load(port: int, texts: Sequence[str], rate: float, duration_s: flo
             t.cancel()
         if own:
             client.close()
-    end = max(last_done[0], start + (arrivals[-1] if arrivals else 0.0))
+    window = arrivals[-1] if arrivals and len(arrivals) >= max_requests else duration_s
+    end = max(last_done[0], start + window)
     if any(r is not None and r.outcome == "timeout" for r in records):
         end = max(end, loop.time())
-    return LoadRun(rate, duration_s, [r for r in records if r is not None], max(end - start, 1e-9))
+    return LoadRun(rate, duration_s, [r for r in records if r is not None], max(end - start, 1e-9), window)
 
 
 # --------------------------------------------------------------------------- summary (pure)
@@ -301,6 +303,8 @@ def summarize(run: LoadRun, slo_p99_ms: float, max_batch: int) -> dict:
     return {
         "max_batch": max_batch,
         "offered_rps": _r(run.offered_rps),
+        # what the Poisson draw actually sent per second of its window (short runs: +-1/sqrt(n))
+        "arrival_rps": _r(len(run.records) / run.window_s) if run.window_s > 0 else None,
         "achieved_rps": _r(len(ok) / run.elapsed_s),
         "duration_s": _r(run.elapsed_s),
         "sent": len(run.records),

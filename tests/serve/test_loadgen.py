@@ -72,7 +72,7 @@ def _run(latencies, outcomes=None, rate=100.0, elapsed=1.0, phases=None):
     recs = [RequestRecord(i / 100, lat if o == "ok" else None, 200 if o == "ok" else 503, o,
                           dict(phases or {}), (2,) if o == "ok" else ())
             for i, (lat, o) in enumerate(zip(latencies, outcomes))]
-    return LoadRun(rate, elapsed, recs, elapsed)
+    return LoadRun(rate, elapsed, recs, elapsed, elapsed)
 
 
 def test_summary_counts_and_percentiles():
@@ -81,7 +81,7 @@ def test_summary_counts_and_percentiles():
                           max_batch=8)
     assert (s["sent"], s["ok"], s["rejected"], s["errors"], s["timeouts"]) == (100, 100, 0, 0, 0)
     assert s["p50_ms"] == 50.5 and s["p99_ms"] == pytest.approx(99.01) and s["p99_all_ms"] == s["p99_ms"]
-    assert s["meets_slo"] and s["achieved_rps"] == 100.0 and s["max_batch"] == 8
+    assert s["meets_slo"] and s["achieved_rps"] == 100.0 and s["arrival_rps"] == 100.0 and s["max_batch"] == 8
     assert s["breakdown_ms"] == {"queue": 1.0, "forward": 2.0, "total": 4.0, "outside_server": 46.5}
     assert s["mean_batch_size"] == 2.0
     json.dumps(s, allow_nan=False)
