@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from optforge.errors import OptforgeError
-from optforge.modeling import (META, PRECISION_DTYPES, TOKENIZER_DIR, load_classifier, read_meta,  # noqa: F401
-                               save_classifier)
+from optforge.modeling import PRECISION_DTYPES, TOKENIZER_DIR, load_classifier, read_meta
+from optforge.modeling import save_classifier  # noqa: F401 - re-exported: stages that write float artifacts
 
 FORMATS: dict[str, str] = {
     "float": "optforge.runtime:_load_float",
