@@ -68,8 +68,11 @@ def server(tiny_runnable):
 # --------------------------------------------------------------------------- good requests
 
 
-def test_binds_to_loopback(server):
+def test_binds_to_loopback_with_a_tcp_socket(server):
     assert server.host == LOOPBACK
+    # asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it every response waits
+    # for the client's delayed ACK (~40 ms)
+    assert server.sock.proto == socket.IPPROTO_TCP
 
 
 def test_predict_many_texts_matches_the_runnable(server, tiny_runnable):
