@@ -17,6 +17,7 @@ from optforge.report.compare import compare as compare_docs
 from optforge.report.compare import load_previous
 from optforge.report.notes import build_notes
 from optforge.report.results import assemble
+from optforge.report.serving import serving_view
 from optforge.report.svg import accuracy_latency_svg
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "reports" / "templates"
@@ -140,6 +141,7 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
         "gates_line": (f"accuracy drop ≤ {gates['max_accuracy_drop']:g} pts, end-to-end p50 speedup ≥ "
                        f"{gates['min_speedup']:g}x at every batch size, cv ≤ {gates['max_cv'] * 100:g}%"),
         "changes": _changes_view(changes) if changes else None,
+        "serving": serving_view(doc.get("serving")),
     }
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from optforge.report.serving import serving_from_results
+
 SCHEMA_VERSION = 1
 ROUND_CMP = 6  # decimals for gate comparisons
 
@@ -278,6 +280,7 @@ def device_line(env: dict, rows_bench: list[dict]) -> str:
     return f"{kind}: {name}" + (f" ({', '.join(extra)})" if extra else "")
 
 
+
 def assemble(recipe, graph, results: dict, env: dict, recipe_path: Optional[str] = None) -> dict:
     """The results document (docs/results-schema.md). Deterministic for the same inputs."""
     baseline = recipe.baseline_config
@@ -313,4 +316,5 @@ def assemble(recipe, graph, results: dict, env: dict, recipe_path: Optional[str]
                       "fixed_length": recipe.benchmark.fixed_length,
                       "threads": threads},
         "configs": rows,
+        "serving": serving_from_results(results),
     }
