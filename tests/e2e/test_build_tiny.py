@@ -42,7 +42,8 @@ def optforge(*args, cwd: Path, cache: Path, **popen):
     env = dict(os.environ, OPTFORGE_CACHE=str(cache), OPTFORGE_DATA_ROOT=str(shared_data_root()))
     cmd = [sys.executable, "-m", "optforge.cli", *map(str, args)]
     if popen.pop("background", False):
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr (stage logs, warnings) merged into stdout: one pipe to drain, none left to fill up
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, **popen)
 
 
@@ -214,11 +215,12 @@ def test_sigkill_during_teacher_then_resume_equals_clean_build(built_tiny, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    assert set(read_lock(Path(recipe).with_suffix(".lock"))["stages"]) == {"data"}
+    assert set(read_lock(Path(recipe).with_suffix(".lock"))["stages"]) == {"data"}, proc.stdout.read()
     assert any((cache / "tmp").iterdir())  # the teacher's partial output: never trusted
     resumed = optforge("build", recipe, "--device", "cpu", "--until", "teacher", cwd=tmp_path, cache=cache)
     assert resumed.returncode == 0, resumed.stderr
-    assert names(resumed.stdout, "cached") == ["data"] and names(resumed.stdout, "ran") == ["teacher"]
+    assert names(resumed.stdout, "cached") == ["data"] and names(resumed.stdout, "ran") == ["teacher"], \
+        resumed.stdout + resumed.stderr
 
     key = read_lock(Path(recipe).with_suffix(".lock"))["stages"]["teacher"]["key"]
     assert key == read_lock(built_tiny.recipe.with_suffix(".lock"))["stages"]["teacher"]["key"]
@@ -238,8 +240,8 @@ def test_concurrent_build_is_refused_and_cache_stays_valid(tiny):
     second = tiny.run("build", tiny.recipe, "--device", "cpu")
     assert second.returncode == 2
     assert f"another build of 'tiny' is running (pid {first.pid})" in second.stderr
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
     assert names(out, "ran") == ["teacher"]
     verified = tiny.run("plan", tiny.recipe, "--json", "--device", "cpu", "--verify")
     assert stale({s["name"]: s for s in json.loads(verified.stdout)["stages"]}) == set()
