@@ -198,8 +198,8 @@ class Executor:
             self.sealed.add(p.key)
             self._outcome(p, "failed", reason=state.reason)
             self.result.failed.append(p.name)
-            self.echo(f"{'failed':<8}{p.name}: {state.reason}")
             self._record(p)
+            self.echo(f"{'failed':<8}{p.name}: {state.reason}")
             return
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,8 +223,8 @@ class Executor:
         self.sealed.add(p.key)
         self._outcome(p, "ok", state.metrics or metrics)
         self.result.ran.append(p.name)
+        self._record(p)  # before the line: whoever sees "ran X" can rely on the lock file having X
         self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
-        self._record(p)
 
 
 def _summary(r: BuildResult) -> str:
