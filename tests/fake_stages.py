@@ -21,14 +21,14 @@ import time
 
 from optforge.errors import StageFailure
 from optforge.recipe import (BenchmarkParams, CompileParams, DataSpec, DistillSpec, EvaluateParams,
-                             PruneParams, QuantizeParams, StudentSpec, TeacherSpec)
+                             PruneParams, QuantizeParams, ServeBenchmarkParams, StudentSpec, TeacherSpec)
 from optforge.stages import base
 from optforge.stages.base import StageContext, StageKind
 
 MODELS = {"data": DataSpec, "teacher": TeacherSpec, "student": StudentSpec, "distill": DistillSpec,
           "prune": PruneParams, "quantize": QuantizeParams, "compile": CompileParams,
-          "evaluate": EvaluateParams, "benchmark": BenchmarkParams}
-HARDWARE_BOUND = {"compile", "evaluate", "benchmark"}
+          "evaluate": EvaluateParams, "benchmark": BenchmarkParams, "serve_benchmark": ServeBenchmarkParams}
+HARDWARE_BOUND = {"compile", "evaluate", "benchmark", "serve_benchmark"}
 
 
 def _append(var: str, line: str) -> None:

@@ -83,6 +83,15 @@ def test_each_edit_reruns_exactly_what_depends_on_it(toy, edit):
     assert run(toy).ran == expected
 
 
+def test_serve_benchmark_reads_every_row_and_follows_the_gates(toy):
+    toy.write_text(toy.read_text() + "serve_benchmark: {config: best, rates: [10]}\n")
+    assert run(toy).ran == ALL + ["serve_benchmark"]
+    toy.write_text(toy.read_text().replace("max_accuracy_drop: 1.0", "max_accuracy_drop: 2.0"))
+    plans = {p.name: p for p in open_session(toy, "cpu").plan()}
+    assert plans["serve_benchmark"].reasons == ["serve_benchmark.gates.max_accuracy_drop 1.0 -> 2.0"]
+    assert run(toy).ran == ["serve_benchmark"]
+
+
 def test_plan_reasons_name_the_param_and_the_upstream(toy):
     run(toy)
     toy.write_text(toy.read_text().replace("temperature: 4.0", "temperature: 2.0"))
