@@ -123,7 +123,7 @@ class Executor:
                 continue
             bad = [d for d in self.s.graph[p.name].inputs.values()
                    if r.outcomes.get(d, {}).get("status") in ("failed", "skipped")]
-            if bad:
+            if bad and not self.s.kinds[p.kind].tolerates_failed_inputs:
                 self._outcome(p, "skipped", reason=f"upstream {bad[0]} failed")
                 r.skipped.append(p.name)
                 self.echo(f"{'skipped':<8}{p.name} (upstream {bad[0]} failed)")
@@ -178,10 +178,12 @@ class Executor:
     def _run(self, p: StagePlan) -> None:
         self._check_device()
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
-        inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in node.inputs.items()}
+        usable = {role: dep for role, dep in node.inputs.items()
+                  if self.result.outcomes.get(dep, {}).get("status") not in ("failed", "skipped")}
+        inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in usable.items()}
         input_metrics = {role: self.result.outcomes.get(dep, {}).get("metrics") or
                          (cache.manifest(self.keys[dep]) or {}).get("metrics", {})
-                         for role, dep in node.inputs.items()}
+                         for role, dep in usable.items()}
         tmp = cache.new_tmp()
         ctx = StageContext(name=p.name, kind=p.kind, params=self.s.params[p.name], inputs=inputs,
                            input_metrics=input_metrics, out=tmp, device=self.s.device,

@@ -125,7 +125,7 @@ def stage_results(session: Session, plans: list[StagePlan], outcomes: dict | Non
             failed.add(p.name)
         elif results[p.name]["status"] == "missing":
             bad = [d for d in session.graph[p.name].inputs.values() if d in failed]
-            if bad:
+            if bad and not session.kinds[p.kind].tolerates_failed_inputs:
                 results[p.name] = {"status": "skipped", "metrics": {}, "key": p.key,
                                    "reason": f"upstream {bad[0]} failed"}
                 failed.add(p.name)

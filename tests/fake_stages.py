@@ -65,7 +65,8 @@ def fake_run(ctx: StageContext) -> dict:
 
 def kind(name: str) -> StageKind:
     return StageKind(kind=name, version="fake-1", params_model=MODELS[name], run=fake_run,
-                     hardware_bound=name in HARDWARE_BOUND, uses_torch=name != "data")
+                     hardware_bound=name in HARDWARE_BOUND, uses_torch=name != "data",
+                     tolerates_failed_inputs=name == "serve_benchmark")
 
 
 KINDS = {name: kind(name) for name in MODELS}

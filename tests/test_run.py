@@ -162,6 +162,18 @@ def test_stage_failure_is_recorded_not_retried_and_force_retries(toy, monkeypatc
     assert forced.ran == ["quantize:pruned-dyn8", "evaluate:pruned-dyn8", "benchmark:pruned-dyn8"]
 
 
+def test_a_tolerant_stage_runs_on_the_inputs_that_succeeded(tmp_path, monkeypatch, fake_kinds):
+    monkeypatch.setenv("OPTFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    recipe = fake_kinds.write_toy(tmp_path / "recipes", fake_kinds.TOY_RECIPE + "serve_benchmark: {config: best}\n")
+    monkeypatch.setenv("FAKE_FAIL", "quantize:pruned-dyn8")
+    result = run(recipe)
+    assert "serve_benchmark" in result.ran and "serve_benchmark" not in result.skipped
+    seen = result.outcomes["serve_benchmark"]["metrics"]["inputs"]
+    assert "model:pruned-dyn8" not in seen and "benchmark:pruned-dyn8" not in seen  # failed / skipped rows
+    assert {"model:baseline", "evaluate:baseline", "benchmark:baseline", "data"} <= set(seen)
+
+
 def test_crash_stops_the_build_caches_nothing_and_is_explained(toy, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_CRASH", "student")
     result = run(toy)
