@@ -133,7 +133,10 @@ def stage_results(session: Session, plans: list[StagePlan], outcomes: dict | Non
 
 
 def report_dir(session: Session) -> Path:
-    return Path("reports") / session.name
+    """reports/<recipe>/ for CPU builds; reports/<recipe>/cuda/ for GPU builds, so one recipe built on
+    both keeps both reports side by side (the measured stages differ per device)."""
+    base = Path("reports") / session.name
+    return base / "cuda" if session.device == "cuda" else base
 
 
 def _renderer_stamp() -> list:
