@@ -39,11 +39,14 @@ from optforge.stages.base import StageContext, StageKind
 PACKAGE = "model.pt2"
 CACHE_BLOB = "inductor_cache.bin"
 EAGER_DIR = "eager"
-# max |compiled - eager| logit difference allowed, relative to the largest |logit|: compiled fp32 code
-# reorders sums (1e-6-ish); bf16/fp16 round differently once fused; quantized models can see an
-# activation cross a rounding boundary when the fused kernel computes its scale in another order.
+# max |compiled - eager| logit difference allowed, relative to the largest |logit| (at least 1): compiled
+# fp32 code reorders sums (~1e-6); bf16/fp16 round differently once fused. A model with dynamically
+# quantized activations amplifies any such difference: an activation that moves across a rounding
+# boundary changes a whole int8 step. Its allowance is therefore its own quantization error (the
+# upstream quantize stage's max |quantized - float| logit difference) on top of the float tolerance,
+# or 5% when that is unknown.
 TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 3e-2}
-QUANTIZED_TOLERANCE = 2e-2
+QUANTIZED_TOLERANCE = 5e-2
 
 
 def run(ctx: StageContext) -> dict:
@@ -72,11 +75,10 @@ def run(ctx: StageContext) -> dict:
     if mode == "reduce-overhead":
         path, fallback_reason = "compiled", "CUDA graphs need torch.compile(mode='reduce-overhead')"
     else:
-        try:
-            aoti_compile(model, tokenizer, ctx.out / PACKAGE, ctx.device, max_batch, max_length, mode,
-                         quantized=src_meta["format"] != "float")
-        except Exception as e:  # noqa: BLE001 - any export/AOTI failure sends us to the fallback path
-            path, fallback_reason = "compiled", f"AOTInductor failed: {type(e).__name__}: {_first_line(e)}"
+        failure = aoti_in_child(src, ctx.out / PACKAGE, ctx.device, precision, max_batch, max_length, mode,
+                                quantized=src_meta["format"] != "float")
+        if failure is not None:  # any export/AOTI failure or crash sends us to the fallback path
+            path, fallback_reason = "compiled", failure
             (ctx.out / PACKAGE).unlink(missing_ok=True)
             ctx.log(f"{ctx.name}: {fallback_reason}; falling back to torch.compile cache artifacts")
     if path == "compiled":
@@ -106,13 +108,14 @@ def run(ctx: StageContext) -> dict:
     load_s = time.perf_counter() - start
     fn = loaded.fn if loaded is not None else compiled
     max_diff, scale = verify(fn, model, tokenizer, ctx.device, max_batch, max_length)
-    tol = QUANTIZED_TOLERANCE if src_meta["format"] != "float" else TOLERANCE[precision]
-    if max_diff > tol * max(scale, 1.0):
-        raise StageFailure(f"compiled ({path}) logits differ from eager by {max_diff:.3g} "
-                           f"(> {tol:g} x {max(scale, 1.0):.3g})")
+    allowed = allowed_difference(src_meta["format"], precision, scale,
+                                 ctx.input_metrics.get("model", {}).get("logit_max_abs_diff"))
+    if max_diff > allowed:
+        raise StageFailure(f"compiled ({path}) logits differ from eager by {max_diff:.3g} (> {allowed:.3g} allowed)")
     metrics = {"time_s": compile_s, "compile_s": compile_s, "path": path, "mode": params.mode,
                "compiled_mode": mode, "precision": precision, "inner_format": src_meta["format"],
-               "logit_max_abs_diff": max_diff, "logit_scale": scale, "max_batch": max_batch,
+               "logit_max_abs_diff": max_diff, "logit_diff_allowed": allowed, "logit_scale": scale,
+               "max_batch": max_batch,
                "max_length": max_length, "artifact_mb": _artifact_bytes(ctx.out) / 2**20}
     if loaded is not None:
         metrics["load_s"] = load_s
@@ -126,6 +129,15 @@ def run(ctx: StageContext) -> dict:
 
 
 KIND = StageKind(kind="compile", version="1", params_model=CompileParams, run=run, hardware_bound=True)
+
+
+def allowed_difference(fmt: str, precision: str, scale: float, quant_error) -> float:
+    base = TOLERANCE[precision] * max(scale, 1.0)
+    if fmt == "float":
+        return base
+    if quant_error is None:
+        return QUANTIZED_TOLERANCE * max(scale, 1.0)
+    return base + float(quant_error)
 
 
 # --------------------------------------------------------------------------- eager models
@@ -188,6 +200,43 @@ def aoti_compile(model, tokenizer, package: Path, device: str, max_batch: int, m
     # artifacts that no fresh process ever looks up. Patching restores the global value afterwards.
     with torch._inductor.config.patch({"aot_inductor.metadata": {}}):
         torch._inductor.aoti_compile_and_package(exported, package_path=str(package), inductor_configs=configs)
+
+
+def aoti_in_child(src: Path, package: Path, device: str, precision: str, max_batch: int, max_length: int,
+                  mode: str, quantized: bool) -> "str | None":
+    """Export + AOTInductor compile + a load-and-run check, in a child process. None on success, else the
+    reason. Why a child: AOTInductor has crashed in native code (SIGSEGV; CUDA, torch 2.11, bf16 MiniLM on
+    an H200), and a crash in this process would take the whole build down instead of falling back."""
+    import subprocess
+    import sys
+
+    job = {"src": str(src), "package": str(package), "device": device, "precision": precision,
+           "max_batch": max_batch, "max_length": max_length, "mode": mode, "quantized": quantized}
+    proc = subprocess.run([sys.executable, "-m", "optforge.stages.compile", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode == 0 and package.is_file():
+        return None
+    if proc.returncode < 0:
+        return f"AOTInductor crashed (signal {-proc.returncode})"
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    return "AOTInductor failed: " + (lines[-1] if lines else f"exit status {proc.returncode}")
+
+
+def _aoti_child(job: dict) -> None:
+    """The child side of `aoti_in_child`: compile, then load the package and run the extreme shapes."""
+    import torch
+
+    from optforge import training
+
+    training.configure_threads()
+    package = Path(job["package"])
+    model, tokenizer, _ = load_eager(Path(job["src"]), job["device"], job["precision"])
+    aoti_compile(model, tokenizer, package, job["device"], job["max_batch"], job["max_length"], job["mode"],
+                 quantized=job["quantized"])
+    fn = torch._inductor.aoti_load_package(str(package))
+    with torch.inference_mode():
+        for b, s in [(1, 3), (job["max_batch"], job["max_length"])]:
+            fn(*example_inputs(tokenizer, job["device"], b, s))
 
 
 def warmup_shapes(max_batch: int, max_length: int) -> list[list[int]]:
@@ -364,3 +413,9 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else type(e).__name__
     return first if len(first) <= 200 else first[:197] + "..."
+
+
+if __name__ == "__main__":  # the AOTInductor child process (aoti_in_child)
+    import sys
+
+    _aoti_child(json.loads(sys.argv[1]))
