@@ -120,6 +120,9 @@ def run(ctx: StageContext) -> dict:
                "linears_skipped": counts["skipped"], "calibration_n": int(batch[0].shape[0]),
                "logit_max_abs_diff": diff.max().item(), "logit_mean_abs_diff": diff.mean().item(),
                "logit_scale": reference.abs().max().item(), "agreement": agreement}
+    if params.method == "int4-weight-only" and ctx.device == "cpu" and params.precision == "fp32":
+        metrics["notes"] = ["the CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) is a slow path for fp32 "
+                            "activations (MiniLM-L6 batch 1: ~20x slower than fp32 eager); use precision bf16"]
     ctx.log(f"{ctx.name}: {params.method} {params.precision}, {counts['quantized']} Linear quantized "
             f"({counts['skipped']} kept float), {metrics['size_mb_before']:.1f} -> {metrics['size_mb_after']:.1f} MB, "
             f"max |dlogit| {metrics['logit_max_abs_diff']:.4f}, agreement {agreement:.3f}")
@@ -314,7 +317,11 @@ def load_state(artifact_dir: Path, meta: dict, device: str) -> dict:
         if leftover:
             raise OptforgeError(f"{path}: unexpected tensors {sorted(leftover)[:5]}")
         return state
-    return torch.load(path, map_location=device, weights_only=True)
+    import warnings
+
+    with warnings.catch_warnings():  # PyTorch's packed params still unpickle through TypedStorage
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        return torch.load(path, map_location=device, weights_only=True)
 
 
 def copy_side_files(src: Path, out: Path) -> None:

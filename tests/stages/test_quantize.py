@@ -134,3 +134,36 @@ def test_quantizing_a_quantized_model_is_refused(run_stage, tmp_path, tiny_model
     run_stage("quantize", {"method": "int8-weight-only"}, tmp_path / "q", {"model": tiny_model})
     with pytest.raises(StageFailure, match="needs a float model"):
         run_stage("quantize", {"method": "int8-weight-only"}, tmp_path / "qq", {"model": tmp_path / "q"})
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("method,precision", [("torch-int8-dynamic", "fp32"), ("int8-dynamic", "bf16"),
+                                              ("int8-weight-only", "bf16"), ("int4-weight-only", "bf16"),
+                                              ("int4-weight-only", "fp32"), ("float8", "bf16")])
+def test_method_on_cuda(run_stage, tmp_path, tiny_model, method, precision):
+    """Definite outcomes where they are known (CPU-only method, fp8 capability, tinygemm's bf16); for the
+    rest: logits within 10% of the float model's, or a StageFailure whose reason is one line."""
+    params = {"method": method, "precision": precision, "group_size": 32}
+    fp8_capable = torch.cuda.get_device_capability() >= (8, 9)
+    expected_failure = {("torch-int8-dynamic", "fp32"): "runs on CPU only",
+                        ("int4-weight-only", "fp32"): "computes in bf16"}.get((method, precision))
+    if method == "float8" and not fp8_capable:
+        expected_failure = "compute capability >= 8.9"
+    if expected_failure:
+        with pytest.raises(StageFailure, match=expected_failure):
+            run_stage("quantize", params, tmp_path / "q", {"model": tiny_model}, device="cuda")
+        return
+    try:
+        metrics = run_stage("quantize", params, tmp_path / "q", {"model": tiny_model}, device="cuda")
+    except StageFailure as e:
+        assert method != "float8" and "\n" not in str(e) and str(e).startswith(method)
+        return
+    assert metrics["logit_max_abs_diff"] <= 0.1 * metrics["logit_scale"]
+    runnable = load_runnable(tmp_path / "q", "cuda", precision)
+    assert torch.isfinite(runnable.forward(runnable.encode(TEXTS))).all()
