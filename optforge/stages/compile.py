@@ -41,10 +41,13 @@ CACHE_BLOB = "inductor_cache.bin"
 EAGER_DIR = "eager"
 # max |compiled - eager| logit difference allowed, relative to the largest |logit| (at least 1): compiled
 # fp32 code reorders sums (~1e-6); bf16/fp16 round differently once fused. A model with dynamically
-# quantized activations amplifies any such difference: an activation that moves across a rounding
-# boundary changes a whole int8 step. Its allowance is therefore its own quantization error (the
-# upstream quantize stage's max |quantized - float| logit difference) on top of the float tolerance,
-# or 5% when that is unknown.
+# quantized activations (int8/fp8) amplifies any such difference: an activation that moves across a
+# rounding boundary changes a whole quantization step. Compiled and eager are then two equally valid
+# approximations of the float model, each within the quantization error q of it (the upstream quantize
+# stage's max |quantized - float| logit difference), so |compiled - eager| <= 2q (triangle inequality).
+# Allowed: float tolerance + 2q, and never less than 5% of the logit scale (seen on an H200: bf16 float8
+# compiled vs eager 0.18 against 0.154 = tol + q). This check exists to catch broken compiled code, which
+# is off by O(scale) or not finite; the accuracy of a compiled row is measured by its evaluate stage.
 TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 3e-2}
 QUANTIZED_TOLERANCE = 5e-2
 
@@ -139,9 +142,8 @@ def allowed_difference(fmt: str, precision: str, scale: float, quant_error) -> f
     base = TOLERANCE[precision] * max(scale, 1.0)
     if fmt == "float":
         return base
-    if quant_error is None:
-        return QUANTIZED_TOLERANCE * max(scale, 1.0)
-    return base + float(quant_error)
+    floor = QUANTIZED_TOLERANCE * max(scale, 1.0)
+    return floor if quant_error is None else max(floor, base + 2 * float(quant_error))
 
 
 # --------------------------------------------------------------------------- eager models

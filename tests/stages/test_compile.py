@@ -102,3 +102,15 @@ def test_fallback_reuses_inductor_cache_artifacts_in_a_fresh_process(run_stage, 
     assert result["inductor"].get("fxgraph_cache_miss", 0) == 0  # no Inductor compile after loading
     assert result["graphs"] == result["graphs_after_load"] > 0  # other shapes: no new Dynamo graph either
     assert result["diff"] <= 2e-2 * result["scale"]
+
+
+def test_allowed_difference_bounds():
+    from optforge.stages.compile import allowed_difference
+
+    assert allowed_difference("float", "fp32", 10.0, None) == pytest.approx(1e-2)
+    assert allowed_difference("float", "bf16", 0.2, 0.5) == pytest.approx(3e-2)  # scale floored at 1
+    # quantized: float tolerance + 2q (compiled and eager each within q of the float model) ...
+    assert allowed_difference("torchao", "fp32", 10.0, 1.0) == pytest.approx(1e-2 + 2.0)
+    # ... but never under 5% of the scale, and 5% when q is unknown
+    assert allowed_difference("torchao", "bf16", 4.0, 0.01) == pytest.approx(0.2)
+    assert allowed_difference("torch-int8-dynamic", "fp32", 4.0, None) == pytest.approx(0.2)
