@@ -21,15 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SENTENCES = [
-    "the movie was good", "a dull, lifeless and thoroughly boring plot", "great", "it was quite awful",
-    "one of the most delightful films of the year, with a cast that clearly enjoys every scene",
-    "not bad", "the actors really tried, but the story never comes together",
-    "an utterly brilliant, moving and funny piece of work", "horrible", "i would not watch it again",
-    "the second half drags on for far too long and the ending is predictable", "superb",
-    "visually stunning but emotionally empty", "it is what it is", "a lovely little surprise",
-    "the director's best work since his debut, and a reminder of why we go to the movies",
-]
+from optforge.stages.quantize import CALIBRATION_TEXTS as SENTENCES  # noqa: E402
 METHODS = [  # (row name, method or None for float, precision)
     ("fp32 eager", None, "fp32"),
     ("bf16 eager", None, "bf16"),

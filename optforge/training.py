@@ -189,6 +189,28 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
             "train_time_s": elapsed, "examples_per_s": seen / elapsed if elapsed > 0 else None}
 
 
+def distill_from_teacher(student: nn.Module, tokenizer, teacher_dir, data, spec, device: str,
+                         bar=None, desc: str = "distill") -> dict:
+    """Train `student` on data's train split against a frozen teacher's soft logits (the `distill` stage
+    and prune recovery). The teacher's logits are computed once: in eval mode they do not change
+    between epochs. Returns the training stats plus `teacher_logits_s`."""
+    from optforge import modeling
+
+    teacher, t_tok, _ = modeling.load_classifier(teacher_dir)
+    t_pad, s_pad = t_tok.pad_token_id or 0, tokenizer.pad_token_id or 0
+    t_ids = tokenize(t_tok, data.train_texts, data.max_length)
+    same_tokenizer = type(t_tok) is type(tokenizer) and t_tok.get_vocab() == tokenizer.get_vocab()
+    s_ids = t_ids if same_tokenizer else tokenize(tokenizer, data.train_texts, data.max_length)
+    start = time.perf_counter()
+    teacher.float().to(device).eval()
+    teacher_logits = predict_logits(teacher, t_ids, t_pad, device, batch_size=128)
+    teacher_s = time.perf_counter() - start
+    del teacher
+    stats = train(student, s_ids, data.train_labels, spec, device, s_pad, teacher_logits=teacher_logits,
+                  temperature=spec.temperature, alpha=spec.alpha, bar=bar, desc=desc)
+    return dict(stats, teacher_logits_s=teacher_s)
+
+
 def predict_logits(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: list[list[int]],
                    pad_id: int, device, batch_size: int = 64, pad_to: Optional[int] = None) -> torch.Tensor:
     """Logits [N, C] (float32, CPU, input order) from `forward(input_ids, attention_mask)`, run over

@@ -147,8 +147,6 @@ def make_permanent(linears: list) -> None:
 
 
 def sparsity_stats(linears: list) -> dict:
-    import torch
-
     total = sum(m.weight.numel() for m in linears)
     zeros = sum(int((m.weight == 0).sum()) for m in linears)
     return {"pruned_weights": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0}
@@ -310,24 +308,11 @@ def removed_fractions(pruned_layers: list[dict], before_shapes: list[dict]) -> d
 def recover(ctx: StageContext, model, tokenizer, data, spec) -> dict:
     """Distill from the teacher into the pruned model (teacher logits computed once, as in `distill`).
     Unstructured masks are still attached here, so pruned weights stay zero while the rest trains."""
-    import time
-
-    from optforge import modeling, training
+    from optforge import training
 
     if "teacher" not in ctx.inputs:
         raise ValueError("prune with `recover` needs a teacher input (graph.build_graph wires it)")
-    teacher, t_tok, _ = modeling.load_classifier(ctx.inputs["teacher"])
-    t_pad, s_pad = t_tok.pad_token_id or 0, tokenizer.pad_token_id or 0
-    t_ids = training.tokenize(t_tok, data.train_texts, data.max_length)
-    same = type(t_tok) is type(tokenizer) and t_tok.get_vocab() == tokenizer.get_vocab()
-    s_ids = t_ids if same else training.tokenize(tokenizer, data.train_texts, data.max_length)
-    start = time.perf_counter()
-    teacher.float().to(ctx.device).eval()
-    teacher_logits = training.predict_logits(teacher, t_ids, t_pad, ctx.device, batch_size=128)
-    teacher_s = time.perf_counter() - start
-    del teacher
-    stats = training.train(model, s_ids, data.train_labels, spec, ctx.device, s_pad,
-                           teacher_logits=teacher_logits, temperature=spec.temperature, alpha=spec.alpha,
-                           bar=ctx.bar, desc="prune recovery")
+    stats = training.distill_from_teacher(model, tokenizer, ctx.inputs["teacher"], data, spec, ctx.device,
+                                          bar=ctx.bar, desc="prune recovery")
     model.eval()
-    return {"recovery": {**stats, "teacher_logits_s": teacher_s}}
+    return {"recovery": stats}
