@@ -51,12 +51,14 @@ def main():
 @click.argument("recipes", nargs=-1, required=True)
 @user_errors
 def validate(recipes):
-    """Check recipes without running anything (schema, references, data files)."""
-    from optforge.recipe_io import load_and_check
+    """Check recipes without running anything (schema, references, data files), for every device."""
+    from optforge.recipe import DEVICES
+    from optforge.recipe_io import load_recipe
 
     for recipe in recipes:
-        loaded, graph = load_and_check(recipe, recipe)
-        click.echo(f"ok: {recipe} ({loaded.recipe.name}: {len(graph.nodes)} stages)")
+        loaded = load_recipe(recipe, recipe)
+        n = {device: len(loaded.graph(device).nodes) for device in DEVICES}
+        click.echo(f"ok: {recipe} ({loaded.recipe.name}: {n['cpu']} stages on cpu, {n['cuda']} on cuda)")
 
 
 @main.command()
@@ -107,14 +109,15 @@ def build(recipe, device, force, until, dry_run, keep_going, wait):
 @main.command()
 @click.argument("recipe")
 @click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Whose graph to draw (the rows and overrides of that device); needs no GPU.")
 @user_errors
-def dag(recipe, fmt):
+def dag(recipe, fmt, device):
     """The stage graph as Mermaid or Graphviz dot."""
-    from optforge.graph import build_graph, to_dot, to_mermaid
+    from optforge.graph import to_dot, to_mermaid
     from optforge.recipe_io import load_recipe
 
-    loaded = load_recipe(recipe, recipe)
-    graph = build_graph(loaded.recipe, loaded.dir)
+    graph = load_recipe(recipe, recipe).graph(device, check_data=False)
     click.echo((to_dot if fmt == "dot" else to_mermaid)(graph), nl=False)
 
 
@@ -157,24 +160,27 @@ def gc(dry_run):
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
 def clean(recipe):
-    """Forget a recipe's build state (its lock file); its cache entries become gc-able."""
+    """Forget a recipe's build state (its lock files, one per device); its cache entries become gc-able."""
     from optforge.cache import Cache
     from optforge.lockfile import lock_path, read_lock
+    from optforge.recipe import DEVICES
 
     cache = Cache()
-    lock_file = lock_path(recipe)
-    lock = read_lock(lock_file)
-    name = (lock or {}).get("recipe")
-    if name:
-        with cache.recipe_lock(name):  # never pull the state from under a running build
+    forgot = []
+    for lock_file in [lock_path(recipe, device) for device in DEVICES]:
+        lock = read_lock(lock_file)
+        name = (lock or {}).get("recipe")
+        if name:
+            with cache.recipe_lock(name):  # never pull the state from under a running build
+                lock_file.unlink(missing_ok=True)
+        else:
             lock_file.unlink(missing_ok=True)
-    else:
-        lock_file.unlink(missing_ok=True)
-    was_known = cache.unregister(lock_file)
-    if lock is None and not was_known:
+        if cache.unregister(lock_file) or lock is not None:
+            forgot.append(str(lock_file))
+    if not forgot:
         click.echo(f"clean: nothing recorded for {recipe}")
     else:
-        click.echo(f"clean: forgot {lock_file}; run `optforge gc` to free its cache entries")
+        click.echo(f"clean: forgot {', '.join(forgot)}; run `optforge gc` to free their cache entries")
 
 
 @main.command("serve")

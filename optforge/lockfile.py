@@ -1,8 +1,8 @@
-"""The recipe's lock file, `<recipe stem>.lock` beside the recipe (DVC's dvc.lock): the resolved state
-of its last build. Per stage: kind, code version, key, params (defaults filled in), input keys and the
-stages they came from, data file hashes, library versions, device (hardware-bound kinds only), and
-`error` when the stage crashed. JSON with sorted keys and no timestamps, so it diffs cleanly in git
-and `plan` can say *what* changed since.
+"""The recipe's lock file, `<recipe stem>.lock` beside the recipe (DVC's dvc.lock; `<stem>.cuda.lock`
+for CUDA builds): the resolved state of its last build on that device. Per stage: kind, code version,
+key, params (defaults filled in), input keys and the stages they came from, data file hashes, library
+versions, device (hardware-bound kinds only), and `error` when the stage crashed. JSON with sorted
+keys and no timestamps, so it diffs cleanly in git and `plan` can say *what* changed since.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from optforge.fingerprint import read_json, write_json_atomic
 LOCK_FORMAT = 1
 
 
-def lock_path(recipe_path: Path) -> Path:
-    return Path(recipe_path).with_suffix(".lock")
+def lock_path(recipe_path: Path, device: str = "cpu") -> Path:
+    """`<stem>.lock` for CPU builds, `<stem>.<device>.lock` (`<stem>.cuda.lock`) for the others: a
+    recipe built on both devices keeps both states."""
+    return Path(recipe_path).with_suffix(".lock" if device == "cpu" else f".{device}.lock")
 
 
 def read_lock(path: Path) -> Optional[dict]:

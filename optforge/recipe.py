@@ -6,14 +6,16 @@ Pure: no torch, no I/O. Reading YAML with node positions and turning pydantic er
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optforge.errors import RecipeError
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
 Precision = Literal["fp32", "bf16", "fp16"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
 QuantMethod = Literal[
@@ -176,6 +178,17 @@ class ConfigSpec(Strict):
     precision: Precision = "fp32"
     quantize: Optional[str] = None  # a quantize entry's name
     compile: CompileMode = "none"
+    devices: Optional[list[Device]] = Field(None, min_length=1)  # where the row runs; None: every device
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"devices must be unique, got {v}")
+        return v
+
+    def runs_on(self, device: str) -> bool:
+        return self.devices is None or device in self.devices
 
 
 class BenchmarkSpec(Strict):
@@ -225,6 +238,48 @@ class ServeBenchmarkSpec(Strict):
         return sorted(v)
 
 
+class PartialOf:
+    """Field metadata: the field holds a partial mapping merged key by key over the recipe section of
+    the same name and validated as `model` (recipe_io lists `model`'s keys for an unknown one)."""
+
+    def __init__(self, model: type[BaseModel]):
+        self.model = model
+
+
+class DeviceOverrides(Strict):
+    """What one device changes. `benchmark`, `gates`, `serve_benchmark`: partial mappings merged over the
+    top-level section (or its defaults), then validated as it; `serve_benchmark: false` turns the serving
+    benchmark off on this device. `baseline`: a config name."""
+
+    benchmark: Annotated[Optional[dict], PartialOf(BenchmarkSpec)] = None
+    gates: Annotated[Optional[dict], PartialOf(GatesSpec)] = None
+    serve_benchmark: Annotated[Union[dict, Literal[False], None], PartialOf(ServeBenchmarkSpec)] = None
+    baseline: Optional[str] = None
+
+    @field_validator("serve_benchmark", mode="before")
+    @classmethod
+    def _serve(cls, v):
+        if v is None or v is False or isinstance(v, dict):
+            return v
+        raise ValueError(f"give a mapping of serve_benchmark keys to change, or false to turn the serving "
+                         f"benchmark off on this device, got {v!r}")
+
+
+class OverridesSpec(Strict):
+    cpu: Optional[DeviceOverrides] = None
+    cuda: Optional[DeviceOverrides] = None
+
+
+class MergedSectionErrors(RecipeError):
+    """An override that does not validate once merged: pydantic's error dicts (`details`), each `loc`
+    rewritten to the recipe key path of the value at fault. recipe_io words and locates them like any
+    schema error."""
+
+    def __init__(self, details: list[dict]):
+        super().__init__(details[0]["msg"], tuple(details[0]["loc"]))
+        self.details = details
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_RE)
     data: DataSpec
@@ -238,12 +293,45 @@ class Recipe(Strict):
     benchmark: BenchmarkSpec = BenchmarkSpec()
     gates: GatesSpec = GatesSpec()
     serve_benchmark: Optional[ServeBenchmarkSpec] = None
+    overrides: Optional[OverridesSpec] = None  # per device: benchmark/gates/serve_benchmark/baseline
 
     # Cross-references are checked here so every consumer can trust them. Errors carry their key path.
     @model_validator(mode="after")
     def _references(self):
         check_references(self)
+        for device in DEVICES:
+            self.for_device(device)  # merges and checks each device's view
         return self
+
+    def for_device(self, device: str) -> Recipe:
+        """The recipe as a build on `device` sees it: only the rows that run there (their `devices`
+        cleared), that device's overrides merged in, no `overrides`. Unchanged for a recipe that uses
+        neither, so its graph and stage keys are the same on every device."""
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        rows = [c.model_copy(update={"devices": None}) for c in self.configs if c.runs_on(device)]
+        if not rows:
+            raise RecipeError(f"no configuration runs on {device}: every row's `devices` leaves it out",
+                              ("configs",))
+        view: dict = {"configs": rows, "overrides": None}
+        over = self.overrides_for(device)
+        if over is not None:
+            for section, model in (("benchmark", BenchmarkSpec), ("gates", GatesSpec),
+                                   ("serve_benchmark", ServeBenchmarkSpec)):
+                partial = getattr(over, section)
+                if partial is False:
+                    view[section] = None
+                elif partial is not None:
+                    view[section] = _merge(model, getattr(self, section), partial, (section,),
+                                           ("overrides", device, section))
+            if over.baseline is not None:
+                view["baseline"] = over.baseline
+        recipe = self.model_copy(update=view)
+        check_device_references(self, recipe, device)
+        return recipe
+
+    def overrides_for(self, device: str) -> Optional[DeviceOverrides]:
+        return getattr(self.overrides, device) if self.overrides is not None else None
 
     @property
     def baseline_config(self) -> str:
@@ -303,6 +391,48 @@ def check_references(r: Recipe) -> None:
     sb = r.serve_benchmark
     if sb is not None and sb.config != "best" and sb.config not in cnames:
         raise RecipeError(_unknown("config", sb.config, cnames + ["best"]), ("serve_benchmark", "config"))
+
+
+def _merge(model: type[BaseModel], base: Optional[BaseModel], partial: dict, base_path: tuple,
+           override_path: tuple) -> BaseModel:
+    """`partial` merged key by key over `base` (or `model`'s defaults), validated as `model`. An error is
+    blamed on the override's key when the override wrote that key (or the error is about the whole
+    section), else on the base section's."""
+    try:
+        return model.model_validate((base.model_dump() if base is not None else {}) | partial)
+    except ValidationError as e:
+        details = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            prefix = override_path if not loc or loc[0] in partial else base_path
+            details.append(err | {"loc": prefix + loc})
+        raise MergedSectionErrors(details) from None
+
+
+def check_device_references(recipe: Recipe, view: Recipe, device: str) -> None:
+    """What must hold on each device: the baseline and a named serving config are rows there."""
+    over = recipe.overrides_for(device) or DeviceOverrides()
+    rows = [c.name for c in view.configs]
+    if view.baseline is not None and view.baseline not in rows:
+        path = ("overrides", device, "baseline") if over.baseline is not None else ("baseline",)
+        raise RecipeError(_not_on_device(recipe, view.baseline, device, rows, f"overrides.{device}.baseline"),
+                          path)
+    sb = view.serve_benchmark
+    if sb is not None and sb.config != "best" and sb.config not in rows:
+        path = ("serve_benchmark", "config")
+        if isinstance(over.serve_benchmark, dict) and "config" in over.serve_benchmark:
+            path = ("overrides", device) + path
+        raise RecipeError(_not_on_device(recipe, sb.config, device, rows + ["best"],
+                                         f"overrides.{device}.serve_benchmark.config"), path)
+
+
+def _not_on_device(recipe: Recipe, name: str, device: str, known: list[str], fix: str) -> str:
+    index = {c.name: i for i, c in enumerate(recipe.configs)}
+    if name not in index:
+        return _unknown("config", name, known)
+    return (f"config {name!r} does not run on {device} (configs[{index[name]}].devices: "
+            f"{', '.join(recipe.configs[index[name]].devices)}); name one that does with {fix} "
+            f"(on {device}: {', '.join(known)})")
 
 
 def _unknown(what: str, value: str, known: list[str]) -> str:

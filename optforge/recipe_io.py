@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from optforge.errors import RecipeError
-from optforge.recipe import Recipe
+from optforge.recipe import MergedSectionErrors, PartialOf, Recipe
 
 
 class RecipeErrors(RecipeError):
@@ -139,7 +139,9 @@ def model_at(path: tuple) -> type[BaseModel] | None:
             field = current.model_fields.get(str(part))
             if field is None:
                 return None
-            current = _unwrap(field.annotation)
+            # a partial mapping (a device override) has the keys of the section it is merged over
+            partial = [m.model for m in field.metadata if isinstance(m, PartialOf)]
+            current = partial[0] if partial else _unwrap(field.annotation)
         elif typing.get_origin(current) is list and isinstance(part, int):
             current = _unwrap(typing.get_args(current)[0])
         else:
@@ -179,9 +181,10 @@ def _message(err: dict) -> str:
     return msg
 
 
-def validation_errors(e: ValidationError, root: yaml.Node, display: str) -> list[RecipeError]:
+def validation_errors(errors: list[dict], root: yaml.Node, display: str) -> RecipeError:
+    """pydantic error dicts -> one located RecipeError, or RecipeErrors (in file order) for several."""
     out = []
-    for err in e.errors():
+    for err in errors:
         loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden":
             line, col = locate(root, loc, "key")
@@ -190,7 +193,8 @@ def validation_errors(e: ValidationError, root: yaml.Node, display: str) -> list
         else:
             line, col = locate(root, loc, "value")
         out.append(RecipeError(_message(err), loc, display, line, col))
-    return out
+    out.sort(key=lambda r: (r.line or 0, r.col or 0))
+    return RecipeErrors(out) if len(out) > 1 else out[0]
 
 
 # --------------------------------------------------------------------------- the public entry points
@@ -211,6 +215,22 @@ class LoadedRecipe:
         line, col = locate(self.root, path, want)
         return RecipeError(message, path, self.display, line, col)
 
+    def graph(self, device: str, check_data: bool = True):
+        """The stage graph a build on `device` runs (from `recipe.for_device(device)`); with
+        `check_data`, its local data files must exist."""
+        from optforge.errors import OptforgeError
+        from optforge.graph import build_graph
+
+        try:
+            graph = build_graph(self.recipe.for_device(device), self.dir)
+        except RecipeError as e:
+            raise _relocate(e, self.root, self.display) from None
+        except OptforgeError as e:  # a graph cycle the schema did not catch: still the recipe's fault
+            raise RecipeError(str(e), (), self.display, 1, 1) from None
+        if check_data:
+            check_data_files(self, graph)
+        return graph
+
 
 def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
     """Parse and validate (schema + cross-references). Raises RecipeError/RecipeErrors, located."""
@@ -223,8 +243,9 @@ def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        errors = sorted(validation_errors(e, root, display), key=lambda r: (r.line or 0, r.col or 0))
-        raise (RecipeErrors(errors) if len(errors) > 1 else errors[0]) from None
+        raise validation_errors(e.errors(), root, display) from None
+    except MergedSectionErrors as e:  # a device override that does not validate once merged
+        raise validation_errors(e.details, root, display) from None
     except RecipeError as e:
         # check_references runs inside Recipe's model validator; pydantic lets non-ValueErrors through
         # unchanged, so the key path survives and only the position is missing
@@ -257,20 +278,11 @@ def check_data_files(loaded: LoadedRecipe, graph) -> None:
                            ("data", role))
 
 
-def load_and_check(path: Path | str, display: str | None = None):
-    """What `validate` checks and what every other command starts from: (LoadedRecipe, Graph)."""
-    from optforge.errors import OptforgeError
-    from optforge.graph import build_graph
-
+def load_and_check(path: Path | str, display: str | None = None, device: str = "cpu"):
+    """What `validate` checks and what every other command starts from: (LoadedRecipe, the Graph a
+    build on `device` runs). `loaded.recipe` is the whole recipe; `.for_device(device)` its view."""
     loaded = load_recipe(path, display)
-    try:
-        graph = build_graph(loaded.recipe, loaded.dir)
-    except RecipeError as e:
-        raise _relocate(e, loaded.root, loaded.display) from None
-    except OptforgeError as e:  # a graph cycle the schema did not catch: still the recipe's fault
-        raise RecipeError(str(e), (), loaded.display, 1, 1) from None
-    check_data_files(loaded, graph)
-    return loaded, graph
+    return loaded, loaded.graph(device)
 
 
 __all__ = ["RecipeLoader", "RecipeErrors", "LoadedRecipe", "load_yaml", "load_recipe", "load_and_check",

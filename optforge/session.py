@@ -39,7 +39,7 @@ class Session:
     data_sha: dict[str, dict[str, str]]  # stage name -> role -> sha256 of its data files
     lock_file: Path
     lock: dict = field(default_factory=dict)  # stage name -> record of its last build
-    recipe: Optional[Recipe] = None  # absent for hand-built graphs (engine tests)
+    recipe: Optional[Recipe] = None  # the recipe as `device` sees it; absent for hand-built graphs (engine tests)
     recipe_path: Optional[Path] = None
 
     def plan(self, force=()) -> list[StagePlan]:
@@ -56,7 +56,11 @@ class Session:
 
     def env(self) -> dict:
         """What the report prints about where and with what the results were made."""
-        recipe = self.recipe.model_dump(mode="json") if self.recipe else [n.params for n in self.graph.nodes]
+        # the device's view, less the keys that only select it: a recipe that uses none of them hashes
+        # as it did before they existed
+        selectors = {"overrides": True, "configs": {"__all__": {"devices"}}}
+        recipe = (self.recipe.model_dump(mode="json", exclude=selectors) if self.recipe
+                  else [n.params for n in self.graph.nodes])
         # local files: their content hashes; a hub dataset: what names it
         data = self.data_sha.get("data") or (self.graph["data"].params if "data" in self.graph.by_name
                                              else self.data_sha)
@@ -99,9 +103,10 @@ def make_session(name: str, graph: Graph, cache: Cache, device: str, lock_file: 
 
 def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None = None,
                  display: str | None = None) -> Session:
-    loaded, graph = load_and_check(recipe, display)
-    return make_session(loaded.recipe.name, graph, cache or Cache(), resolve_device(device),
-                        lock_path(loaded.path), loaded.recipe, loaded.path)
+    device = resolve_device(device)  # first: the device picks the recipe's rows and overrides
+    loaded, graph = load_and_check(recipe, display, device)
+    return make_session(loaded.recipe.name, graph, cache or Cache(), device, lock_path(loaded.path, device),
+                        loaded.recipe.for_device(device), loaded.path)
 
 
 # --------------------------------------------------------------------------- results and reports
