@@ -72,18 +72,27 @@ class Runnable:
         self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
         self.description = description or f"{meta.get('format', '?')} {self.precision}"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._encode_ids = None
 
     # ---- text -> tensors
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated at max_length (no padding)."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        if self._encode_ids is None:
+            from optforge.training import batch_encoder
+
+            self._encode_ids = batch_encoder(self.tokenizer, self.max_length)
+        return self._encode_ids(texts)
 
     def collate(self, ids: list[list[int]], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """Pad token-id lists to the longest (or to `pad_to`) and move them to the device."""
+        """Pad token-id lists to the longest (or to `pad_to`) and move them to the device (on CUDA from
+        pinned memory, without blocking the host: the forward queues behind the copy)."""
         from optforge.training import pad_batch
 
         input_ids, mask = pad_batch(ids, self.pad_id, pad_to)
-        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.device.type == "cuda":
+            input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+        return {"input_ids": input_ids.to(self.device, non_blocking=True),
+                "attention_mask": mask.to(self.device, non_blocking=True)}
 
     def encode(self, texts: list[str], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
         return self.collate(self.tokenize(texts), pad_to)

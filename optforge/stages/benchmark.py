@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> dict:
                                   log=ctx.log)
 
 
-KIND = StageKind(kind="benchmark", version="1", params_model=BenchmarkParams, run=run, hardware_bound=True)
+KIND = StageKind(kind="benchmark", version="2", params_model=BenchmarkParams, run=run, hardware_bound=True)
 
 
 # --------------------------------------------------------------------------- inputs

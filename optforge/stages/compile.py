@@ -6,8 +6,8 @@ compiling again. Two paths, tried in this order; the metrics say which one was t
               code compiled into a shared library plus the weights. Loading (`aoti_load_package`) runs no
               compiler at all. Works for float models and torchao tensor-subclass quantization.
   "compiled"  when export/AOTI fails (PyTorch's dynamic-int8 Linear keeps its weights in a TorchScript
-              packed-params object that export cannot trace) or when CUDA graphs are asked for
-              (mode reduce-overhead on CUDA; AOTI does not capture CUDA graphs): torch.compile(dynamic=True),
+              packed-params object that export cannot trace), on CUDA (AOTInductor crashed there), and for
+              CUDA graphs: torch.compile(dynamic=True),
               warmed up on representative shapes, and Inductor's cache artifacts
               (`torch.compiler.save_cache_artifacts()`) saved as inductor_cache.bin next to a copy of the
               eager artifact (eager/). Loading hot-loads the artifacts, then torch.compile again: Dynamo
@@ -15,7 +15,9 @@ compiling again. Two paths, tried in this order; the metrics say which one was t
               no C++ compile. Tests check this with torch._dynamo counters in a fresh process.
 
 Modes: "default"; "max-autotune" passes inductor_configs {"max_autotune": True} (on CPU: the C++ GEMM
-template with autotuning); "reduce-overhead" is CUDA graphs, so on CPU it compiles as "default" and the
+template with autotuning); "reduce-overhead" means CUDA graphs: on CUDA the code compiles as "default" and
+the loader captures one CUDA graph per (batch, length) bucket over it (optforge.cudagraphs; faster to
+replay than torch.compile's own reduce-overhead graph trees), on CPU it compiles as "default" and the
 metrics say so. Before the stage returns, the artifact is reloaded from disk and its logits are compared
 with the eager model's at batch 1 and max(32) batch, at sequence lengths 3, a padded middle one and max_length.
 
@@ -73,10 +75,15 @@ def run(ctx: StageContext) -> dict:
     max_batch = max(params.max_batch, 2)
     max_length = min(params.max_length, int(src_meta["max_length"]))
 
+    # CUDA graphs: Inductor code compiled as "default", then captured per shape bucket at load time
+    # (optforge.cudagraphs). Saved as Inductor cache artifacts: a captured graph cannot be serialised.
+    cuda_graphs = mode == "reduce-overhead"
+    if cuda_graphs:
+        mode = "default"
     start = time.perf_counter()
     path, fallback_reason, passes = "aoti", None, 0
-    if mode == "reduce-overhead":
-        path, fallback_reason = "compiled", "CUDA graphs need torch.compile(mode='reduce-overhead')"
+    if cuda_graphs:
+        path, fallback_reason = "compiled", "CUDA graphs are captured at load time over torch.compile code"
     elif ctx.device == "cuda":
         # Measured on an H200 (torch 2.11, CUDA 13): AOTInductor crashed (SIGSEGV) on every model we gave
         # it, after ~2 minutes of compiling; the child process contained it, but the time was lost.
@@ -96,7 +103,8 @@ def run(ctx: StageContext) -> dict:
 
     total, nonzero = _param_count(model)
     meta = {k: v for k, v in src_meta.items() if k not in ("weights", "weights_format")}
-    meta.update({"format": path, "mode": params.mode, "compiled_mode": mode, "precision": precision,
+    meta.update({"format": path, "mode": params.mode, "compiled_mode": mode, "cuda_graphs": cuda_graphs,
+                 "precision": precision,
                  "device": ctx.device, "max_batch": max_batch, "max_length": max_length,
                  "inner_format": src_meta["format"], "params": total, "nonzero_params": nonzero,
                  "warmup_shapes": warmup_shapes(max_batch, max_length), "warmup_passes": passes,
@@ -114,13 +122,16 @@ def run(ctx: StageContext) -> dict:
     loaded = load_compiled(ctx.out, ctx.device, precision) if path == "aoti" else None
     load_s = time.perf_counter() - start
     fn = loaded.fn if loaded is not None else compiled
+    if cuda_graphs:
+        fn = graphed(compiled.fn, tokenizer, ctx.device, max_batch, max_length)
     max_diff, scale = verify(fn, model, tokenizer, ctx.device, max_batch, max_length)
     allowed = allowed_difference(src_meta["format"], precision, scale,
                                  ctx.input_metrics.get("model", {}).get("logit_max_abs_diff"))
     if max_diff > allowed:
         raise StageFailure(f"compiled ({path}) logits differ from eager by {max_diff:.3g} (> {allowed:.3g} allowed)")
     metrics = {"time_s": compile_s, "compile_s": compile_s, "path": path, "mode": params.mode,
-               "compiled_mode": mode, "precision": precision, "inner_format": src_meta["format"],
+               "compiled_mode": mode, "cuda_graphs": cuda_graphs, "precision": precision,
+               "inner_format": src_meta["format"],
                "logit_max_abs_diff": max_diff, "logit_diff_allowed": allowed, "logit_scale": scale,
                "max_batch": max_batch,
                "max_length": max_length, "artifact_mb": _artifact_bytes(ctx.out) / 2**20}
@@ -135,7 +146,7 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-KIND = StageKind(kind="compile", version="1", params_model=CompileParams, run=run, hardware_bound=True)
+KIND = StageKind(kind="compile", version="2", params_model=CompileParams, run=run, hardware_bound=True)
 
 
 def allowed_difference(fmt: str, precision: str, scale: float, quant_error) -> float:
@@ -283,6 +294,15 @@ def replay_warmup(fn, tokenizer, device: str, shapes, max_passes: int) -> int:
     raise StageFailure(f"torch.compile keeps recompiling after {max_passes} warm-up passes over {shapes}")
 
 
+def graphed(compiled_fn, tokenizer, device: str, max_batch: int, max_length: int):
+    """The compiled function replayed through CUDA graphs per shape bucket (optforge.cudagraphs). It gets
+    the raw compiled callable: its static input buffers are inference tensors already."""
+    from optforge.cudagraphs import GraphedForward
+
+    return GraphedForward(compiled_fn, pad_id=tokenizer.pad_token_id or 0, max_batch=max_batch,
+                          max_length=max_length, device=device, capture=str(device).startswith("cuda"))
+
+
 class InferenceInputs:
     """Calls a torch.compile'd model on inference-mode copies of its inputs. Dynamo guards on a tensor's
     dispatch keys, so tensors made inside inference_mode (evaluate's batches) and outside it
@@ -360,10 +380,14 @@ def load_compiled(artifact_dir, device: str, precision: str = "fp32"):
         # graph decides its symbolic shapes (duck sizing, 0/1 specialisation), hence its cache key, so this
         # traces exactly the saved graphs (all cache hits), after which any shape in range passes a guard.
         replay_warmup(fn, tokenizer, device, meta["warmup_shapes"], max_passes=meta["warmup_passes"])
+        description = f"torch.compile {mode} {meta['precision']}"
+        if meta.get("cuda_graphs"):
+            fn = graphed(fn.fn, tokenizer, device, meta["max_batch"], meta["max_length"])
+            description += " + CUDA graphs"
         from optforge.runtime import Runnable
 
         return Runnable(fn, tokenizer, meta, device, precision=meta["precision"], module=model,
-                        artifact_dir=artifact_dir, description=f"torch.compile {mode} {meta['precision']}")
+                        artifact_dir=artifact_dir, description=description)
     raise OptforgeError(f"{artifact_dir}: not a compiled artifact (format {meta['format']!r})")
 
 
