@@ -5,6 +5,10 @@ Conventions (documented in docs/results-schema.md, asserted in tests/test_bench.
 - percentiles use linear interpolation between closest ranks, numpy's default ("linear"):
   the q-th percentile of n sorted values sits at index q/100 * (n - 1);
 - `std` is the population standard deviation (ddof=0, numpy's default) and `cv` = std / mean;
+- `spread` = (p75 - p25) / p50, the interquartile range relative to the median (0 when p50 is 0).
+  A few outliers (a host-scheduling hiccup on a sub-millisecond call) move cv a lot and spread hardly
+  at all, so spread says whether the median -- which throughput and speedups use -- is trustworthy;
+  outliers are what p99 reports;
 - throughput = batch_size / p50 (samples per second at the median call). The median, not the mean,
   so one call stalled by a neighbour on a shared machine does not move it; `throughput_mean`
   (batch_size / mean = total samples over total timed seconds) is recorded next to it;
@@ -52,6 +56,12 @@ def cv(values: Sequence[float]) -> float:
     return std(values) / m
 
 
+def spread(values: Sequence[float]) -> float:
+    """Interquartile range relative to the median, (p75 - p25) / p50 (0 when the median is 0)."""
+    p50 = percentile(values, 50)
+    return (percentile(values, 75) - percentile(values, 25)) / p50 if p50 else 0.0
+
+
 def throughput(batch_size: int, seconds: float) -> float:
     """Samples per second for a batch that takes `seconds`."""
     if seconds <= 0:
@@ -80,7 +90,9 @@ def summarize(times_s: Sequence[float], batch_size: int) -> dict:
     m = mean(ms)
     p50 = percentile(ms, 50)
     return {
+        "p25": percentile(ms, 25),
         "p50": p50,
+        "p75": percentile(ms, 75),
         "p90": percentile(ms, 90),
         "p99": percentile(ms, 99),
         "mean": m,
@@ -88,6 +100,7 @@ def summarize(times_s: Sequence[float], batch_size: int) -> dict:
         "min": min(ms),
         "max": max(ms),
         "cv": cv(ms),
+        "spread": spread(ms),
         "throughput": throughput(batch_size, p50 / 1000.0),
         "throughput_mean": throughput(batch_size, m / 1000.0),
         "runs": len(ms),

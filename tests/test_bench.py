@@ -43,6 +43,26 @@ def test_summarize_in_milliseconds():
     assert s["pct_peak"] is None
 
 
+def test_spread_is_the_iqr_over_the_median():
+    # index q/100 * (n-1): p25 -> 24.75 -> 25.75; p75 -> 74.25 -> 75.25; p50 50.5
+    s = bench.summarize([x / 1000 for x in MS_1_TO_100], batch_size=1)
+    assert s["p25"] == pytest.approx(25.75) and s["p75"] == pytest.approx(75.25)
+    assert s["spread"] == pytest.approx(49.5 / 50.5)
+    assert bench.spread(MS_1_TO_100) == 49.5 / 50.5
+    assert bench.spread([3.0, 3.0, 3.0]) == 0.0 and bench.spread([0.0, 0.0, 1.0]) == 0.0  # p50 0 -> 0
+    with pytest.raises(ValueError):
+        bench.spread([])
+
+
+def test_spread_ignores_a_few_outliers_that_cv_does_not():
+    # sub-millisecond calls with two host-scheduling stalls: p25 0.21, p50 0.22, p75 0.23
+    ms = [0.20, 0.20, 0.21, 0.21, 0.22, 0.22, 0.23, 0.23, 0.23, 1.0, 1.2]
+    s = bench.summarize([x / 1000 for x in ms], batch_size=1)
+    assert s["p25"] == pytest.approx(0.21) and s["p50"] == pytest.approx(0.22) and s["p75"] == pytest.approx(0.23)
+    assert s["spread"] == pytest.approx(1 / 11)  # 0.02 / 0.22: under a 10% gate
+    assert s["cv"] == pytest.approx(bench.cv(ms)) and s["cv"] > 0.8  # std / mean: far over it
+
+
 def test_speedup_and_throughput():
     assert bench.speedup(10.0, 4.0) == 2.5
     assert bench.speedup(4.0, 10.0) == 0.4

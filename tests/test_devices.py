@@ -85,6 +85,15 @@ def test_overrides_merge_key_by_key(tmp_path):
     assert only_gpu.for_device("cuda").serve_benchmark.config == "best"
 
 
+def test_stability_gates_merge_and_max_cv_can_be_unset_per_device(tmp_path):
+    recipe = load_recipe(write(tmp_path)).recipe
+    assert (recipe.gates.max_spread, recipe.gates.max_cv) == (0.10, None)  # cv reported, not gated
+    r = Recipe.model_validate(recipe.model_dump() | {
+        "gates": {"max_cv": 0.1}, "overrides": {"cuda": {"gates": {"max_spread": 0.2, "max_cv": None}}}})
+    cpu, cuda = r.for_device("cpu").gates, r.for_device("cuda").gates
+    assert (cpu.max_spread, cpu.max_cv) == (0.10, 0.1) and (cuda.max_spread, cuda.max_cv) == (0.2, None)
+
+
 def test_a_recipe_without_devices_is_the_same_everywhere(tmp_path):
     recipe = load_recipe(write(tmp_path, fake_stages.TOY_RECIPE)).recipe
     assert recipe.for_device("cpu") == recipe == recipe.for_device("cuda")
@@ -190,3 +199,7 @@ def test_a_bad_override_names_its_key_path_from_python_too():
     with pytest.raises(RecipeError) as info:
         Recipe.model_validate(data)
     assert info.value.path == ("overrides", "cuda", "gates", "max_cv")
+    data["overrides"]["cuda"]["gates"] = {"max_spread": 0}
+    with pytest.raises(RecipeError) as info:
+        Recipe.model_validate(data)
+    assert info.value.path == ("overrides", "cuda", "gates", "max_spread")

@@ -36,7 +36,7 @@ RECIPE = {
         {"name": "student-int4", "model": "student", "quantize": "int4"},
     ],
     "benchmark": {"batch_sizes": [1, 32]},
-    "gates": {"max_accuracy_drop": 1.0, "min_speedup": 1.5, "max_cv": 0.10},
+    "gates": {"max_accuracy_drop": 1.0, "min_speedup": 1.5, "max_spread": 0.10},
 }
 
 ENV = {"recipe_hash": "abc123", "device": {"kind": "cpu", "name": "Test CPU"},
@@ -48,19 +48,25 @@ def recipe(**changes) -> Recipe:
     return Recipe.model_validate(RECIPE | changes)
 
 
-def stats(p50: float, cv: float = 0.02, b: int = 1, pct: float | None = 1.0) -> dict:
-    return {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3, "mean": p50 * 1.02, "std": p50 * cv, "cv": cv,
-            "throughput": b / (p50 / 1000), "runs": 50, "pct_peak": pct}
+def stats(p50: float, cv: float = 0.02, b: int = 1, pct: float | None = 1.0, spread: float | None = 0.02) -> dict:
+    """spread None: metrics cached before the benchmark recorded it (no p25/p75/spread keys)."""
+    out = {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3, "mean": p50 * 1.02, "std": p50 * cv, "cv": cv,
+           "throughput": b / (p50 / 1000), "runs": 50, "pct_peak": pct}
+    if spread is not None:
+        out |= {"p25": p50 * (1 - spread / 2), "p75": p50 * (1 + spread / 2), "spread": spread}
+    return out
 
 
-def bench(model: dict, e2e: dict, cv: float = 0.02, params: int = 22_700_000, nonzero: int | None = None) -> dict:
+def bench(model: dict, e2e: dict, cv: float = 0.02, params: int = 22_700_000, nonzero: int | None = None,
+          spread: float | None = 0.02) -> dict:
     return {"status": "ok", "reason": None, "key": "k", "metrics": {
         "device": {"kind": "cpu", "name": "Test CPU", "cores": 2, "mhz": 2600.0, "flags": ["fma", "avx512f"]},
         "threads": 2, "params": params, "nonzero_params": nonzero if nonzero is not None else params,
         "size_mb": params * 4 / 1e6, "load_s": 0.2, "warmup_s": 0.5, "peak_mem_mb": 12.5, "flops_per_sample": 1e9,
         "peak_flops": 3.3e11, "peak_source": "Test CPU, 2 cores x 2.60 GHz x 64 flop/cycle/core, AVX-512",
         "compute_precision": "fp32", "batches": {
-            b: {"model": stats(model[b], cv, int(b)), "e2e": stats(e2e[b], cv, int(b)), "seq_len": 20}
+            b: {"model": stats(model[b], cv, int(b), spread=spread), "e2e": stats(e2e[b], cv, int(b), spread=spread),
+                "seq_len": 20}
             for b in model}}}
 
 
@@ -112,12 +118,13 @@ def test_verdicts_of_the_example():
     assert doc["best"] is None
 
 
-def _two_configs(acc: float, e2e_1: float, cv: float = 0.02, gates: dict | None = None):
+def _two_configs(acc: float, e2e_1: float, cv: float = 0.02, gates: dict | None = None,
+                 spread: float | None = 0.02):
     r = recipe(configs=[{"name": "baseline", "model": "teacher"}, {"name": "cand", "model": "student"}],
                prune=[], quantize=[], gates=gates or RECIPE["gates"])
     res = {n: ok() for n in ("data", "teacher", "student", "distill")}
     res |= {"evaluate:baseline": evaluate(0.90), "benchmark:baseline": bench({"1": 10.0}, {"1": 15.0}),
-            "evaluate:cand": evaluate(acc), "benchmark:cand": bench({"1": 5.0}, {"1": e2e_1}, cv=cv)}
+            "evaluate:cand": evaluate(acc), "benchmark:cand": bench({"1": 5.0}, {"1": e2e_1}, cv=cv, spread=spread)}
     return doc_for(r, res)
 
 
@@ -133,22 +140,76 @@ def test_speedup_gate_edge():
     assert row(_two_configs(0.90, 16.0), "cand")["verdict"] == "slower than baseline (0.94x at batch 1)"
 
 
-def test_cv_gate_edge():
-    assert row(_two_configs(0.90, 10.0, cv=0.10), "cand")["verdict"] == "ready"
-    assert row(_two_configs(0.90, 10.0, cv=0.10001), "cand")["verdict"] == \
+def test_spread_gate_edge():
+    assert row(_two_configs(0.90, 10.0, spread=0.10), "cand")["verdict"] == "ready"
+    assert row(_two_configs(0.90, 10.0, spread=0.10001), "cand")["verdict"] == \
+        "unstable timing (IQR 10.001% of median > 10.000% at batch 1, model)"
+    doc = _two_configs(0.90, 10.0, spread=0.14)
+    assert row(doc, "cand")["verdict"] == "unstable timing (IQR 14% of median > 10% at batch 1, model)"
+    assert row(doc, "cand")["spread"] == {"1": {"model": 0.14, "e2e": 0.14}}
+    assert doc["gates"] == {"max_accuracy_drop": 1.0, "min_speedup": 1.5, "max_spread": 0.1, "max_cv": None}
+    tight = RECIPE["gates"] | {"max_spread": 0.05}
+    assert row(_two_configs(0.90, 10.0, gates=tight), "cand")["verdict"] == "ready"  # 2% <= 5%
+    assert row(_two_configs(0.90, 10.0, spread=0.06, gates=tight), "cand")["verdict"] == \
+        "unstable timing (IQR 6% of median > 5% at batch 1, model)"
+
+
+def test_large_cv_with_a_steady_median_is_ready_by_default():
+    doc = _two_configs(0.90, 10.0, cv=0.2, spread=0.03)  # a few outliers: cv 20%, IQR 3% of the median
+    cand = row(doc, "cand")
+    assert cand["verdict"] == "ready" and doc["best"] == "cand"
+    assert cand["cv"] == {"1": {"model": 0.2, "e2e": 0.2}} and cand["spread"] == {"1": {"model": 0.03, "e2e": 0.03}}
+
+
+def test_cv_gate_edge_when_max_cv_is_set():
+    gates = RECIPE["gates"] | {"max_cv": 0.10}
+    assert row(_two_configs(0.90, 10.0, cv=0.10, gates=gates), "cand")["verdict"] == "ready"
+    assert row(_two_configs(0.90, 10.0, cv=0.10001, gates=gates), "cand")["verdict"] == \
         "unstable timing (cv 10.001% > 10.000% at batch 1, model)"
-    assert row(_two_configs(0.90, 10.0, cv=0.14), "cand")["verdict"] == "unstable timing (cv 14% > 10% at batch 1, model)"
+    assert row(_two_configs(0.90, 10.0, cv=0.14, gates=gates), "cand")["verdict"] == \
+        "unstable timing (cv 14% > 10% at batch 1, model)"
+    assert row(_two_configs(0.90, 10.0, cv=0.14, spread=0.2, gates=gates), "cand")["verdict"] == \
+        "unstable timing (IQR 20% of median > 10% at batch 1, model); unstable timing (cv 14% > 10% at batch 1, model)"
+
+
+def test_metrics_without_spread_are_not_gated_on_it(tmp_path):
+    doc = _two_configs(0.90, 10.0, cv=0.3, spread=None)  # a benchmark cached before spread existed
+    cand = row(doc, "cand")
+    assert cand["spread"] == {"1": {"model": None, "e2e": None}} and cand["verdict"] == "ready"
+    gates = RECIPE["gates"] | {"max_cv": 0.10}
+    assert row(_two_configs(0.90, 10.0, cv=0.3, spread=None, gates=gates), "cand")["verdict"] == \
+        "unstable timing (cv 30% > 10% at batch 1, model)"
+    r = recipe(configs=[{"name": "baseline", "model": "teacher"}, {"name": "cand", "model": "student"}],
+               prune=[], quantize=[])
+    res = {n: ok() for n in ("data", "teacher", "student", "distill")}
+    res |= {"evaluate:baseline": evaluate(0.90), "benchmark:baseline": bench({"1": 10.0}, {"1": 15.0}),
+            "evaluate:cand": evaluate(0.90), "benchmark:cand": bench({"1": 5.0}, {"1": 10.0}, cv=0.3, spread=None)}
+    md = render(tmp_path, r, res)[0].read_text()
+    assert "| cand | 1 | 20 | 10.0 | 11.0 | 13.0 | 5.00 | 5.50 | 6.50 | n/a / n/a | 30.0% / 30.0% |" in md
 
 
 def test_reasons_combine_and_best_is_named():
-    doc = _two_configs(0.80, 20.0, cv=0.2)
+    doc = _two_configs(0.80, 20.0, spread=0.2)
     assert row(doc, "cand")["verdict"] == ("accuracy drop 10.0 > 1.0; slower than baseline (0.75x at batch 1); "
-                                          "unstable timing (cv 20% > 10% at batch 1, model)")
+                                          "unstable timing (IQR 20% of median > 10% at batch 1, model)")
     assert _two_configs(0.90, 5.0)["best"] == "cand"
 
 
+def test_worst_spread_names_batch_and_scope():
+    from optforge.recipe import GatesSpec
+
+    base = {"status": "ok", "is_baseline": True}
+    r = {"is_baseline": False, "accuracy_delta": 0.0, "speedup": {"1": 2.0, "32": 2.0},
+         "cv": {"1": {"model": 0.3, "e2e": 0.3}, "32": {"model": 0.3, "e2e": 0.3}},
+         "spread": {"1": {"model": 0.05, "e2e": None}, "32": {"model": 0.12, "e2e": 0.13}}}
+    assert gate_reasons(r, base, GatesSpec()) == ["unstable timing (IQR 13% of median > 10% at batch 32, e2e)"]
+    assert gate_reasons(r, base, GatesSpec(max_spread=0.2)) == []
+    assert gate_reasons(r, base, GatesSpec(max_spread=0.2, max_cv=0.25)) == \
+        ["unstable timing (cv 30% > 25% at batch 1, model)"]  # ties: the first (batch, scope)
+
+
 def test_best_is_highest_min_speedup_then_accuracy():
-    r = recipe(gates={"max_accuracy_drop": 5.0, "min_speedup": 1.0, "max_cv": 0.1})
+    r = recipe(gates={"max_accuracy_drop": 5.0, "min_speedup": 1.0, "max_spread": 0.1})
     doc = doc_for(r, make_results())
     # student-int8 (3.0x/3.06x) beats student (2.0x) and sparse (~1.97x)
     assert doc["best"] == "student-int8"
@@ -264,6 +325,26 @@ def test_notes_come_from_the_data(tmp_path):
     assert "Failed: `student-int4`: quantize: int4 weight-only needs CUDA (tinygemm)" in md
     assert "outside the model" in md  # end-to-end vs model split
     assert "fp32 330 GFLOP/s (Test CPU, 2 cores x 2.60 GHz" in md
+
+
+def test_spread_is_shown_gated_and_noted(tmp_path):
+    res = make_results()
+    res["benchmark:student"] = bench({"1": 5.0, "32": 50.0}, {"1": 6.0, "32": 55.0}, cv=0.01, spread=0.15)
+    paths = render(tmp_path, results=res)
+    md, html = paths[0].read_text(), paths[1].read_text()
+    assert ("- **Gates:** accuracy drop ≤ 1 pts, end-to-end p50 speedup ≥ 1.5x at every batch size, "
+            "IQR ≤ 10% of the median\n") in md
+    assert "| student | 1 | 20 | 6.00 | 6.60 | 7.80 | 5.00 | 5.50 | 6.50 | 15.0% / 15.0% | 1.0% / 1.0% |" in md
+    assert "| accuracy drop 1.2 > 1.0; unstable timing (IQR 15% of median > 10% at batch 1, model) |" in md
+    assert ("- Unstable timing: IQR above 10.0% of the median for `student` (15.0% at batch 1, model). "
+            "Rerun on a quiet machine (timed with 2 threads) before trusting these speedups.") in md
+    assert "<th>spread e2e / model</th><th>cv e2e / model</th>" in html and "15.0% / 15.0%" in html
+    r = recipe(gates=RECIPE["gates"] | {"max_cv": 0.015})
+    md = render(tmp_path, r, res, name="cv")[0].read_text()
+    assert "IQR ≤ 10% of the median, cv ≤ 1.5%\n" in md
+    assert ("- Unstable timing: IQR above 10.0% of the median for `student` (15.0% at batch 1, model); "
+            "cv above the 1.5% gate for `baseline` (2.0% at batch 1, model), `teacher-bf16`") in md
+    assert "`student` (1.0%" not in md  # its cv (1%) passes
 
 
 def test_pareto_front():

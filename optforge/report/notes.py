@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from optforge.report import fmt
-from optforge.report.results import worst_cv
+from optforge.report.results import unstable_timing
 
 GLUE_DOMINATES = 0.5  # end-to-end time outside the model forward, as a fraction
 
@@ -112,16 +112,21 @@ def sparsity_notes(doc: dict, ok: list[dict], prunes: dict) -> list[str]:
 
 
 def stability_notes(doc: dict, ok: list[dict]) -> list[str]:
-    gate = doc["gates"]["max_cv"]
-    shaky = []
+    """The rows whose timing fails a stability gate (the same test as the verdicts'), by measure."""
+    gates = doc["gates"]
+    shaky: dict[str, list[str]] = {"spread": [], "cv": []}
     for r in ok:
-        worst = worst_cv(r)
-        if worst and worst[0] > gate:
-            shaky.append(f"`{r['name']}` ({fmt.pct(worst[0] * 100)} at batch {worst[1]}, {worst[2]})")
-    if not shaky:
+        for key, (v, b, scope), _ in unstable_timing(r, gates.get("max_spread"), gates.get("max_cv")):
+            shaky[key].append(f"`{r['name']}` ({fmt.pct(v * 100)} at batch {b}, {scope})")
+    parts = []
+    if shaky["spread"]:
+        parts.append(f"IQR above {fmt.pct(gates['max_spread'] * 100)} of the median for " + ", ".join(shaky["spread"]))
+    if shaky["cv"]:
+        parts.append(f"cv above the {fmt.pct(gates['max_cv'] * 100)} gate for " + ", ".join(shaky["cv"]))
+    if not parts:
         return []
     threads = doc["benchmark"].get("threads")
-    return [f"Unstable timing (cv above the {fmt.pct(gate * 100)} gate): " + ", ".join(shaky)
+    return ["Unstable timing: " + "; ".join(parts)
             + ". Rerun on a quiet machine" + (f" (timed with {threads} threads)" if threads else "")
             + " before trusting these speedups."]
 

@@ -107,12 +107,13 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
             m, e = r["latency_ms"].get(b), r["e2e_latency_ms"].get(b)
             if not m and not e:
                 continue
-            cv, thr, peak = r["cv"].get(b, {}), r["throughput"].get(b, {}), r["pct_peak"].get(b, {})
+            thr, peak = r["throughput"].get(b, {}), r["pct_peak"].get(b, {})
             detail.append({
                 "name": r["name"], "batch": b, "seq": r["seq_len"].get(b) or fmt.NA,
                 "e2e": [fmt.ms(e and e["p50"]), fmt.ms(e and e["p90"]), fmt.ms(e and e["p99"])],
                 "model": [fmt.ms(m and m["p50"]), fmt.ms(m and m["p90"]), fmt.ms(m and m["p99"])],
-                "cv": f"{fmt.pct(_pct(cv.get('e2e')))} / {fmt.pct(_pct(cv.get('model')))}",
+                "spread": _scopes_pct(r.get("spread", {}).get(b)),
+                "cv": _scopes_pct(r["cv"].get(b)),
                 "throughput": f"{fmt.rate(thr.get('e2e'))} / {fmt.rate(thr.get('model'))}",
                 "pct_peak": fmt.pct(peak.get("model")),
             })
@@ -125,7 +126,6 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
     versions = doc["versions"]
     head = [f"{k} {versions[k]}" for k in HEADLINE_VERSIONS if k in versions]
     rest = [f"{k} {v}" for k, v in versions.items() if k not in HEADLINE_VERSIONS]
-    gates = doc["gates"]
     return {
         "doc": doc,
         "batches": batches,
@@ -138,15 +138,28 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
                           "accuracy": fmt.acc(best["accuracy"]), "delta": fmt.points(best["accuracy_delta"]),
                           "what": _what(best)},
         "versions_line": ", ".join(head + rest) or fmt.NA,
-        "gates_line": (f"accuracy drop ≤ {gates['max_accuracy_drop']:g} pts, end-to-end p50 speedup ≥ "
-                       f"{gates['min_speedup']:g}x at every batch size, cv ≤ {gates['max_cv'] * 100:g}%"),
+        "gates_line": _gates_line(doc["gates"]),
         "changes": _changes_view(changes) if changes else None,
         "serving": serving_view(doc.get("serving")),
     }
 
 
+def _gates_line(gates: dict) -> str:
+    line = (f"accuracy drop ≤ {gates['max_accuracy_drop']:g} pts, end-to-end p50 speedup ≥ "
+            f"{gates['min_speedup']:g}x at every batch size, IQR ≤ {gates['max_spread'] * 100:g}% of the median")
+    if gates.get("max_cv") is not None:
+        line += f", cv ≤ {gates['max_cv'] * 100:g}%"
+    return line
+
+
 def _pct(frac: Optional[float]) -> Optional[float]:
     return None if frac is None else frac * 100
+
+
+def _scopes_pct(block: Optional[dict]) -> str:
+    """`e2e / model` of a {"model", "e2e"} block of fractions, in percent (n/a where missing)."""
+    block = block or {}
+    return f"{fmt.pct(_pct(block.get('e2e')))} / {fmt.pct(_pct(block.get('model')))}"
 
 
 def _s(x: Optional[float]) -> str:

@@ -9,7 +9,12 @@ Verdict rules (gates from `recipe.gates`; a value exactly at a threshold passes)
   accuracy drop X > G                baseline accuracy - this accuracy, in points, above max_accuracy_drop
   slower than baseline (S at b)      end-to-end p50 speedup < 1 at some batch size (worst one named)
   speedup S < G at batch b           1 <= speedup < min_speedup at the worst batch size
-  unstable timing (cv X% > G%)       the largest cv over batch sizes and scopes above max_cv
+  unstable timing (IQR X% of median > G% at batch b, scope)
+                                     the largest spread ((p75 - p25) / p50) over batch sizes and scopes
+                                     above max_spread; metrics without a spread are not gated
+  unstable timing (cv X% > G% at batch b, scope)
+                                     the largest cv over batch sizes and scopes above max_cv (only
+                                     when max_cv is set)
 Several reasons are joined with "; ". No reason -> "ready". The baseline row's verdict is "baseline"
 (plus "; unstable timing ..." when its own timing is unstable, since every speedup divides by it).
 Comparisons use values rounded to 6 decimals, so float noise (0.9 - 0.89 = 0.0100000000000000009)
@@ -126,7 +131,7 @@ def build_rows(recipe, graph, results: dict) -> list[dict]:
             "peak_source": bmm.get("peak_source"),
             "peak_flops": _r(bmm.get("peak_flops"), 0),
             "compute_precision": bmm.get("compute_precision"),
-            "latency_ms": {}, "e2e_latency_ms": {}, "throughput": {}, "pct_peak": {}, "cv": {},
+            "latency_ms": {}, "e2e_latency_ms": {}, "throughput": {}, "pct_peak": {}, "cv": {}, "spread": {},
             "seq_len": {},
         }
         for b in _batches(recipe, bmm):
@@ -140,7 +145,8 @@ def build_rows(recipe, graph, results: dict) -> list[dict]:
                 row["e2e_latency_ms"][b] = {"p50": _r(e["p50"], 4), "p90": _r(e.get("p90"), 4), "p99": _r(e["p99"], 4)}
             row["throughput"][b] = {"model": _r(m and m.get("throughput"), 2), "e2e": _r(e and e.get("throughput"), 2)}
             row["pct_peak"][b] = {"model": _r(m and m.get("pct_peak"), 4), "e2e": _r(e and e.get("pct_peak"), 4)}
-            row["cv"][b] = {"model": _r(m and m.get("cv"), 6), "e2e": _r(e and e.get("cv"), 6)}
+            for key in ("cv", "spread"):  # spread: None in metrics cached before it was recorded
+                row[key][b] = {"model": _r(m and m.get(key), 6), "e2e": _r(e and e.get(key), 6)}
             row["seq_len"][b] = entry.get("seq_len")
         rows.append(row)
     return rows
@@ -209,21 +215,43 @@ def gate_reasons(row: dict, base: Optional[dict], gates) -> list[str]:
             elif s < gates.min_speedup:
                 a, g = _fmt_pair(s, gates.min_speedup, 1)
                 reasons.append(f"speedup {a}x < {g}x at batch {worst_b}")
-    worst = worst_cv(row)
-    if worst is not None and _r(worst[0], ROUND_CMP) > gates.max_cv:
-        a, g = _fmt_pair(worst[0], gates.max_cv, 0, scale=100)
-        reasons.append(f"unstable timing (cv {a}% > {g}% at batch {worst[1]}, {worst[2]})")
+    for key, (v, b, scope), gate in unstable_timing(row, gates.max_spread, gates.max_cv):
+        a, g = _fmt_pair(v, gate, 0, scale=100)
+        what = f"IQR {a}% of median" if key == "spread" else f"cv {a}%"
+        reasons.append(f"unstable timing ({what} > {g}% at batch {b}, {scope})")
     return reasons
 
 
-def worst_cv(row: dict) -> Optional[tuple[float, str, str]]:
-    """(cv, batch, scope) of the least stable measurement of a row; the first one on ties."""
+def unstable_timing(row: dict, max_spread: Optional[float],
+                    max_cv: Optional[float]) -> list[tuple[str, tuple[float, str, str], float]]:
+    """[("spread" | "cv", (value, batch, scope), gate)] for each stability gate the row fails: its worst
+    spread above `max_spread`, its worst cv above `max_cv`. A gate of None and a measure the metrics
+    lack (older cached benchmarks have no spread) are not checked."""
+    out = []
+    for key, gate, worst in (("spread", max_spread, worst_spread(row)), ("cv", max_cv, worst_cv(row))):
+        if gate is not None and worst is not None and _r(worst[0], ROUND_CMP) > gate:
+            out.append((key, worst, gate))
+    return out
+
+
+def _worst(row: dict, key: str) -> Optional[tuple[float, str, str]]:
     worst = None
-    for b, scopes in row["cv"].items():
+    for b, scopes in (row.get(key) or {}).items():
         for scope, v in scopes.items():
             if v is not None and (worst is None or v > worst[0]):
                 worst = (v, b, scope)
     return worst
+
+
+def worst_cv(row: dict) -> Optional[tuple[float, str, str]]:
+    """(cv, batch, scope) of the least stable measurement of a row by cv; the first one on ties."""
+    return _worst(row, "cv")
+
+
+def worst_spread(row: dict) -> Optional[tuple[float, str, str]]:
+    """(spread, batch, scope) of the least stable measurement of a row by IQR / median; the first one
+    on ties; None when no measurement has a spread."""
+    return _worst(row, "spread")
 
 
 def add_verdicts(rows: list[dict], baseline: str, gates) -> None:
@@ -310,7 +338,7 @@ def assemble(recipe, graph, results: dict, env: dict, recipe_path: Optional[str]
         "baseline": baseline,
         "best": pick_best(rows),
         "gates": {"max_accuracy_drop": recipe.gates.max_accuracy_drop, "min_speedup": recipe.gates.min_speedup,
-                  "max_cv": recipe.gates.max_cv},
+                  "max_spread": recipe.gates.max_spread, "max_cv": recipe.gates.max_cv},
         "benchmark": {"batch_sizes": [str(b) for b in recipe.benchmark.batch_sizes],
                       "end_to_end": recipe.benchmark.end_to_end,
                       "fixed_length": recipe.benchmark.fixed_length,

@@ -98,7 +98,7 @@ def test_metrics_follow_the_schema(metrics):
     for b, entry in metrics["batches"].items():
         for scope in ("model", "e2e"):
             stats = entry[scope]
-            assert set(stats) >= {"p50", "p90", "p99", "mean", "std", "cv", "throughput", "runs", "pct_peak"}
+            assert set(stats) >= {"p50", "p90", "p99", "mean", "std", "cv", "spread", "throughput", "runs", "pct_peak"}
     json.dumps(metrics, allow_nan=False)  # JSON-able, no NaN/inf
 
 
@@ -111,6 +111,7 @@ def test_numbers_are_sane(metrics):
             s = entry[scope]
             assert 0 < s["p50"] <= s["p90"] <= s["p99"]
             assert s["runs"] >= 5 and s["std"] >= 0 and s["cv"] >= 0
+            assert s["p25"] <= s["p50"] <= s["p75"] and s["spread"] == (s["p75"] - s["p25"]) / s["p50"]
             # throughput = batch / p50 (median call); throughput_mean = batch / mean
             assert math.isclose(s["throughput"], int(b) / (s["p50"] / 1000), rel_tol=1e-9)
             assert math.isclose(s["throughput_mean"], int(b) / (s["mean"] / 1000), rel_tol=1e-9)

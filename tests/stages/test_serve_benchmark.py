@@ -25,17 +25,18 @@ from optforge.serve.choose import choose_config
 from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[2]
-GATES = GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5, max_cv=0.5)
+GATES = GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5)  # max_spread 0.10; cv not gated
 
 
 def ev(acc):
     return {"accuracy": acc, "macro_f1": acc, "n": 100}
 
 
-def bm(p50_1, p50_8, cv=0.01):
+def bm(p50_1, p50_8, cv=0.01, spread=None):
     def stats(p50):
-        return {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "std": 0, "cv": cv, "throughput": 1000 / p50,
-                "runs": 10, "pct_peak": None}
+        out = {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "std": 0, "cv": cv, "throughput": 1000 / p50,
+               "runs": 10, "pct_peak": None}
+        return out if spread is None else out | {"spread": spread}  # None: metrics from before spread
 
     return {"precision": "fp32", "batches": {"1": {"model": stats(p50_1), "e2e": stats(p50_1)},
                                              "8": {"model": stats(p50_8), "e2e": stats(p50_8)}}}
@@ -57,6 +58,17 @@ def test_best_is_the_reports_best_ready_config():
     c = choose_config("best", ["base", "fast", "faster", "ok"], m, "base", GATES)
     # faster drops 5 points (not ready); fast (2.5x) beats ok (1.67x)
     assert c["config"] == "fast" and c["verdict"] == "ready" and "best ready" in c["why"]
+
+
+def test_an_unsteady_median_is_not_ready_but_outliers_alone_are_fine():
+    m = metrics(base=(0.90, 10, 40), fast=(0.895, 4, 16), ok=(0.90, 6, 24))
+    m["benchmark:fast"] = bm(4, 16, spread=0.3)
+    c = choose_config("best", ["base", "fast", "ok"], m, "base", GATES)
+    assert c["config"] == "ok" and c["verdict"] == "ready"
+    m["benchmark:fast"] = bm(4, 16, cv=0.3, spread=0.02)  # a few outliers, a steady median
+    assert choose_config("best", ["base", "fast", "ok"], m, "base", GATES)["config"] == "fast"
+    assert choose_config("best", ["base", "fast", "ok"], m, "base",
+                         GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5, max_cv=0.2))["config"] == "ok"
 
 
 def test_no_ready_config_falls_back_to_the_fastest_within_the_accuracy_gate_and_says_why():
