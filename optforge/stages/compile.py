@@ -270,6 +270,10 @@ def inductor_compile(model, tokenizer, blob: Path, device: str, max_batch: int, 
     import torch
 
     _clear_cache_artifacts()
+    # Dynamo reuses code it compiled earlier in this process for a structurally equal model (seen on an
+    # H200: a second bf16 teacher compile recorded no artifacts at all); a reset makes it trace again, so
+    # Inductor's cache hits are recorded into this artifact too.
+    torch._dynamo.reset()
     compiled = InferenceInputs(torch.compile(model, mode=None if mode == "default" else mode, dynamic=True))
     passes = replay_warmup(compiled, tokenizer, device, warmup_shapes(max_batch, max_length), max_passes=4)
     saved = torch.compiler.save_cache_artifacts()
