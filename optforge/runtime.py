@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -102,9 +102,35 @@ class Runnable:
         with torch.inference_mode():
             return self.fn(batch["input_ids"], batch["attention_mask"]).float()
 
-    def predict(self, texts: list[str]) -> list[dict]:
+    def predict(self, texts: list[str], pad_to: Optional[int] = None) -> list[dict]:
         """[{"label": int, "label_name": str, "probabilities": [float, ...]}] per text."""
-        probs = torch.softmax(self.forward(self.encode(texts)), dim=-1).cpu()
+        return self.postprocess(self.forward(self.encode(texts, pad_to)))
+
+    def predict_ids(self, ids: list[list[int]], pad_to: Optional[int] = None) -> list[dict]:
+        """`predict` for token ids tokenized already (by a client, or ahead of time): the pre-tokenized path."""
+        return self.postprocess(self.forward(self.collate(ids, pad_to)))
+
+    def predict_pipelined(self, batches: Iterable[list[str]], pad_to: Optional[int] = None
+                          ) -> Iterator[list[dict]]:
+        """`predict` over a stream of batches, with batch i+1 tokenized and copied to the device on a worker
+        thread while batch i runs: the Rust tokenizer releases the GIL, and the device works asynchronously,
+        so host and device overlap. Yields each batch's predictions, in order."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="optforge-encode") as pool:
+            pending = pool.submit(self.encode, first, pad_to)
+            for texts in it:
+                batch = pending.result()
+                pending = pool.submit(self.encode, texts, pad_to)
+                yield self.postprocess(self.forward(batch))
+            yield self.postprocess(self.forward(pending.result()))
+
+    def postprocess(self, logits: torch.Tensor) -> list[dict]:
+        probs = torch.softmax(logits, dim=-1).cpu()
         out = []
         for row in probs.tolist():
             label = max(range(len(row)), key=row.__getitem__)

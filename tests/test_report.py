@@ -185,7 +185,7 @@ def test_metrics_without_spread_are_not_gated_on_it(tmp_path):
     res |= {"evaluate:baseline": evaluate(0.90), "benchmark:baseline": bench({"1": 10.0}, {"1": 15.0}),
             "evaluate:cand": evaluate(0.90), "benchmark:cand": bench({"1": 5.0}, {"1": 10.0}, cv=0.3, spread=None)}
     md = render(tmp_path, r, res)[0].read_text()
-    assert "| cand | 1 | 20 | 10.0 | 11.0 | 13.0 | 5.00 | 5.50 | 6.50 | n/a / n/a | 30.0% / 30.0% |" in md
+    assert "| cand | 1 | 20 | 10.0 | 11.0 | 13.0 | n/a | 5.00 | 5.50 | 6.50 | n/a / n/a | 30.0% / 30.0% |" in md
 
 
 def test_reasons_combine_and_best_is_named():
@@ -334,7 +334,7 @@ def test_spread_is_shown_gated_and_noted(tmp_path):
     md, html = paths[0].read_text(), paths[1].read_text()
     assert ("- **Gates:** accuracy drop ≤ 1 pts, end-to-end p50 speedup ≥ 1.5x at every batch size, "
             "IQR ≤ 10% of the median\n") in md
-    assert "| student | 1 | 20 | 6.00 | 6.60 | 7.80 | 5.00 | 5.50 | 6.50 | 15.0% / 15.0% | 1.0% / 1.0% |" in md
+    assert "| student | 1 | 20 | 6.00 | 6.60 | 7.80 | n/a | 5.00 | 5.50 | 6.50 | 15.0% / 15.0% | 1.0% / 1.0% |" in md
     assert "| accuracy drop 1.2 > 1.0; unstable timing (IQR 15% of median > 10% at batch 1, model) |" in md
     assert ("- Unstable timing: IQR above 10.0% of the median for `student` (15.0% at batch 1, model). "
             "Rerun on a quiet machine (timed with 2 threads) before trusting these speedups.") in md
@@ -345,6 +345,23 @@ def test_spread_is_shown_gated_and_noted(tmp_path):
     assert ("- Unstable timing: IQR above 10.0% of the median for `student` (15.0% at batch 1, model); "
             "cv above the 1.5% gate for `baseline` (2.0% at batch 1, model), `teacher-bf16`") in md
     assert "`student` (1.0%" not in md  # its cv (1%) passes
+
+
+def test_pre_tokenized_and_pipelined_columns_and_notes(tmp_path):
+    res = make_results()
+    m = res["benchmark:student-int8"]["metrics"]  # the fastest model at batch 32 (30 ms)
+    m["batches"]["32"]["pretokenized"] = stats(33.0, b=32)
+    m["batches"]["32"]["e2e_pipelined"] = {"batches": 8, "throughput": 900.0, "sequential_throughput": 600.0,
+                                           "gain": 1.5}
+    paths = render(tmp_path, results=res)
+    md, html = paths[0].read_text(), paths[1].read_text()
+    assert "| student-int8 | 32 | 20 | 36.0 | 39.6 | 46.8 | 33.0 | 30.0 |" in md
+    assert "| 900 (1.50x) |" in md and '<td class="num">900 (1.50x)</td>' in html
+    # e2e 36 ms, pre-tokenized 33 ms: the tokenizer is 3/36 = 8.3% of it
+    assert ("For `student-int8`: batch 1: forward 3.00 of 4.00 ms, 25.0% outside the model; batch 32: forward "
+            "30.0 of 36.0 ms, 16.7% outside the model (tokenization 8.3%).") in md
+    assert ("gives up to 1.50x the samples/s of one batch at a time (`student-int8` at batch 32: 900 vs 600 "
+            "samples/s)") in md
 
 
 def test_pareto_front():

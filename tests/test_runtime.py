@@ -42,6 +42,20 @@ def test_predict_matches_the_model(artifact):
         assert sum(p["probabilities"]) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_pre_tokenized_and_pipelined_paths_predict_the_same(artifact):
+    out, _model, _tok = artifact
+    r = load_runnable(out, "cpu")
+    batches = [TEXTS, TEXTS[:1], list(reversed(TEXTS))]
+    expected = [r.predict(b) for b in batches]
+    assert [r.predict_ids(r.tokenize(b)) for b in batches] == expected
+    assert list(r.predict_pipelined(iter(batches))) == expected
+    assert list(r.predict_pipelined([])) == []
+    # pad_to pads every batch to that width: masked positions do not change the predictions
+    for got, want in zip(r.predict(TEXTS, pad_to=8), expected[0]):
+        assert got["label"] == want["label"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+
+
 def test_encode_truncates_and_pads(artifact):
     r = load_runnable(artifact[0], "cpu")
     b = r.encode(TEXTS)

@@ -28,21 +28,41 @@ def _twin(rows: list[dict], row: dict, **changes) -> Optional[dict]:
     return None
 
 
+def _split(row: dict, b: str) -> Optional[str]:
+    """'batch b: forward M of E ms, X% outside the model (tokenizer T%)' for one row and batch size."""
+    m, e = _p50(row, b, "model"), _p50(row, b, "e2e")
+    if m is None or not e:
+        return None
+    text = f"batch {b}: forward {fmt.ms(m)} of {fmt.ms(e)} ms, {fmt.pct(max(e - m, 0) / e * 100)} outside the model"
+    pre = ((row.get("pretokenized_ms") or {}).get(b) or {}).get("p50")
+    if pre is not None:
+        text += f" (tokenization {fmt.pct(max(e - pre, 0) / e * 100)})"
+    return text
+
+
 def glue_notes(doc: dict, ok: list[dict]) -> list[str]:
     out = []
     batches = doc["benchmark"]["batch_sizes"]
     base = next((r for r in ok if r["is_baseline"]), ok[0] if ok else None)
     if base is None or not base["e2e_latency_ms"]:
         return out
-    parts = []
-    for b in batches:
-        m, e = _p50(base, b, "model"), _p50(base, b, "e2e")
-        if m is not None and e:
-            parts.append(f"batch {b}: forward {fmt.ms(m)} of {fmt.ms(e)} ms, "
-                         f"{fmt.pct(max(e - m, 0) / e * 100)} outside the model")
-    if parts:
-        out.append(f"End-to-end latency = tokenization + host/device copies + forward + softmax and Python glue. "
-                   f"For `{base['name']}`: " + "; ".join(parts) + ".")
+    fastest = min((r for r in ok if _p50(r, batches[-1], "model") is not None),
+                  key=lambda r: _p50(r, batches[-1], "model"), default=None)
+    for row in [base] + ([fastest] if fastest is not None and fastest is not base else []):
+        parts = [_split(row, b) for b in batches]
+        parts = [p for p in parts if p]
+        if parts:
+            lead = ("End-to-end latency = tokenization + host/device copies + forward + softmax and Python glue. "
+                    if row is base else "")
+            out.append(f"{lead}For `{row['name']}`: " + "; ".join(parts) + ".")
+    gains = [(r["pipelined"][b]["gain"], r, b) for r in ok for b in batches
+             if (r.get("pipelined") or {}).get(b)]
+    if gains:
+        g, r, b = max(gains, key=lambda x: x[0])
+        out.append(f"Overlapping the next batch's tokenization with this batch's forward (`predict_pipelined`) "
+                   f"gives up to {fmt.times(g)} the samples/s of one batch at a time (`{r['name']}` at batch {b}: "
+                   f"{fmt.rate(r['pipelined'][b]['throughput'])} vs "
+                   f"{fmt.rate(r['pipelined'][b]['sequential_throughput'])} samples/s).")
     heavy = []
     for r in ok:
         for b in batches:

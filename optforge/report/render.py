@@ -48,6 +48,13 @@ def html_codespans(text):
 # --------------------------------------------------------------------------- view model
 
 
+def _pipelined(p: Optional[dict]) -> str:
+    """'samples/s (gain x)' of the pipelined stream, or n/a."""
+    if not p:
+        return fmt.NA
+    return f"{fmt.rate(p['throughput'])} ({fmt.times(p['gain'])})"
+
+
 def _verdict_class(row: dict) -> str:
     if row["is_baseline"] and row["status"] == "ok":
         return "baseline"
@@ -116,6 +123,8 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
                 "cv": _scopes_pct(r["cv"].get(b)),
                 "throughput": f"{fmt.rate(thr.get('e2e'))} / {fmt.rate(thr.get('model'))}",
                 "pct_peak": fmt.pct(peak.get("model")),
+                "pretok": fmt.ms(((r.get("pretokenized_ms") or {}).get(b) or {}).get("p50")),
+                "pipelined": _pipelined(((r.get("pipelined") or {}).get(b))),
             })
     resources = [{"name": r["name"], "size": fmt.size(r["size_mb"]), "params": fmt.params(r["params"], r["nonzero_params"]),
                   "mem": fmt.size(r["peak_mem_mb"]), "load": _s(r["load_s"]), "warmup": _s(r["warmup_s"]),

@@ -132,7 +132,7 @@ def build_rows(recipe, graph, results: dict) -> list[dict]:
             "peak_flops": _r(bmm.get("peak_flops"), 0),
             "compute_precision": bmm.get("compute_precision"),
             "latency_ms": {}, "e2e_latency_ms": {}, "throughput": {}, "pct_peak": {}, "cv": {}, "spread": {},
-            "seq_len": {},
+            "seq_len": {}, "pretokenized_ms": {}, "pipelined": {},
         }
         for b in _batches(recipe, bmm):
             entry = (bmm.get("batches") or {}).get(b)
@@ -148,6 +148,13 @@ def build_rows(recipe, graph, results: dict) -> list[dict]:
             for key in ("cv", "spread"):  # spread: None in metrics cached before it was recorded
                 row[key][b] = {"model": _r(m and m.get(key), 6), "e2e": _r(e and e.get(key), 6)}
             row["seq_len"][b] = entry.get("seq_len")
+            pre, pipe = entry.get("pretokenized"), entry.get("e2e_pipelined")
+            if pre:
+                row["pretokenized_ms"][b] = {"p50": _r(pre["p50"], 4), "p99": _r(pre["p99"], 4)}
+            if pipe and pipe.get("gain"):
+                row["pipelined"][b] = {"throughput": _r(pipe["throughput"], 2), "gain": _r(pipe["gain"], 4),
+                                       "sequential_throughput": _r(pipe["sequential_throughput"], 2),
+                                       "batches": pipe["batches"]}
         rows.append(row)
     return rows
 

@@ -1,9 +1,13 @@
 """Benchmark stage: latency, throughput, memory and %-of-peak of one model artifact on this device.
 
-Two scopes, timed separately at each batch size:
-  model  - tensors pre-tokenized and already on the device; only `runnable.forward` is timed;
-  e2e    - raw strings -> `runnable.predict` -> labels/probabilities as Python objects
-           (tokenization, host<->device copies, softmax, Python glue included).
+Scopes, timed separately at each batch size:
+  model         - tensors pre-tokenized and already on the device; only `runnable.forward` is timed;
+  e2e           - raw strings -> `runnable.predict` -> labels/probabilities as Python objects
+                  (tokenization, host<->device copies, softmax, Python glue included);
+  pretokenized  - token ids (as a client that tokenizes would send them) -> `runnable.predict_ids`:
+                  e2e without tokenization, so e2e - pretokenized is the tokenizer's share;
+  e2e_pipelined - throughput of a stream of batches, `predict` one batch at a time vs
+                  `predict_pipelined` (next batch tokenized while this one runs); see `_pipelined`.
 
 Inputs are real eval sentences (so real lengths), one seeded sample per batch size, dynamically padded
 to the longest in the batch (or to `fixed_length`). Timing every run on the *same* batch keeps the
@@ -52,7 +56,7 @@ def run(ctx: StageContext) -> dict:
                                   log=ctx.log)
 
 
-KIND = StageKind(kind="benchmark", version="2", params_model=BenchmarkParams, run=run, hardware_bound=True)
+KIND = StageKind(kind="benchmark", version="3", params_model=BenchmarkParams, run=run, hardware_bound=True)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -267,19 +271,30 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
         model_stats, wu = _timed(model_fn, b, params, sync, flops, peak_flops)
         warmup_s += wu
 
-        e2e_stats = None
+        e2e_stats = pretok_stats = pipelined = None
         if params.end_to_end:
             kw = {"pad_to": params.fixed_length} if predict_pad else {}
             e2e_fn = lambda: runnable.predict(sample, **kw)  # noqa: E731
             warmup_s += _first_call(e2e_fn, f"predict at batch {b}")
             e2e_stats, wu = _timed(e2e_fn, b, params, sync, flops, peak_flops)
             warmup_s += wu
+            if hasattr(runnable, "predict_ids"):  # token ids in, predictions out: e2e minus tokenization
+                ids = runnable.tokenize(sample)
+                pretok_fn = lambda: runnable.predict_ids(ids, **kw)  # noqa: E731
+                pretok_stats, wu = _timed(pretok_fn, b, params, sync, flops, peak_flops)
+                warmup_s += wu
+            if hasattr(runnable, "predict_pipelined"):
+                pipelined = _pipelined(runnable, sample, kw, e2e_stats["p50"] / 1000.0, params.max_seconds)
         above, tot = mem.peak()
         peak_above, peak_total = max(peak_above, above), max(peak_total, tot)
-        batches[str(b)] = {"model": model_stats, "e2e": e2e_stats, "seq_len": seq_len,
+        batches[str(b)] = {"model": model_stats, "e2e": e2e_stats, "pretokenized": pretok_stats,
+                           "e2e_pipelined": pipelined, "seq_len": seq_len,
                            "real_tokens": real_tokens, "flops": flops, "peak_mem_mb": above}
         log(f"  batch {b}: model p50 {model_stats['p50']:.3f} ms"
             + (f", e2e p50 {e2e_stats['p50']:.3f} ms" if e2e_stats else "")
+            + (f", pre-tokenized p50 {pretok_stats['p50']:.3f} ms" if pretok_stats else "")
+            + (f", pipelined {pipelined['gain']:.2f}x the samples/s of one batch at a time"
+               if pipelined and pipelined.get("gain") else "")
             + f" (seq {seq_len}, {model_stats['runs']} runs)")
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
@@ -322,6 +337,35 @@ def _timed(fn, b: int, params: BenchmarkParams, sync, flops, peak_flops) -> tupl
     stats = bench.summarize(times, b)
     stats["pct_peak"] = bench.pct_of_peak(flops, stats["p50"] / 1000.0, peak_flops)
     return stats, warmup_s
+
+
+PIPELINE_BATCHES = (4, 32)  # fewest / most batches in one timed stream
+
+
+def _pipelined(runnable, sample: list[str], kw: dict, e2e_s: float, max_seconds: float) -> dict:
+    """Throughput of a stream of batches end to end, one batch at a time (`predict` in a loop) and
+    pipelined (`predict_pipelined`: tokenizing the next batch while this one runs). The stream is as
+    long as `max_seconds` allows (4..32 batches); each way is timed twice, alternating, and the faster
+    pass counts. A row slower than `max_seconds` per batch is not streamed ({"skipped": reason})."""
+    if e2e_s > max_seconds:
+        return {"skipped": f"one batch takes {e2e_s:.2f} s > max_seconds {max_seconds:g}"}
+    lo, hi = PIPELINE_BATCHES
+    n = max(lo, min(hi, int(max_seconds / max(e2e_s, 1e-9))))
+    stream = [sample] * n
+    list(runnable.predict_pipelined(stream[:2], **kw))  # the worker thread's first call warms up too
+    best = {"sequential": float("inf"), "pipelined": float("inf")}
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for texts in stream:
+            runnable.predict(texts, **kw)
+        best["sequential"] = min(best["sequential"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _out in runnable.predict_pipelined(stream, **kw):
+            pass
+        best["pipelined"] = min(best["pipelined"], time.perf_counter() - t0)
+    samples = n * len(sample)
+    seq, pipe = samples / best["sequential"], samples / best["pipelined"]
+    return {"batches": n, "throughput": pipe, "sequential_throughput": seq, "gain": pipe / seq}
 
 
 def _flops_per_token(runnable, seq_len: int) -> Optional[float]:

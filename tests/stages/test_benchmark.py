@@ -188,4 +188,19 @@ def test_stage_runs_a_real_artifact_through_load_runnable(tmp_path):
     for entry in m["batches"].values():
         assert 0 < entry["model"]["p50"] <= entry["model"]["p99"] and entry["seq_len"] <= 32
         assert entry["e2e"]["p50"] > 0
+        # the pre-tokenized scope skips only the tokenizer: timed like e2e, on the same batch
+        assert entry["pretokenized"]["runs"] >= 5 and entry["pretokenized"]["p50"] > 0
+        pipe = entry["e2e_pipelined"]
+        assert benchmark.PIPELINE_BATCHES[0] <= pipe["batches"] <= benchmark.PIPELINE_BATCHES[1]
+        assert pipe["throughput"] > 0 and pipe["sequential_throughput"] > 0
+        assert pipe["gain"] == pipe["throughput"] / pipe["sequential_throughput"]
     json.dumps(m, allow_nan=False)
+
+
+def test_a_row_slower_than_the_time_box_is_not_streamed():
+    class Slow:
+        def predict_pipelined(self, batches, **kw):
+            raise AssertionError("must not stream")
+
+    out = benchmark._pipelined(Slow(), ["a"], {}, e2e_s=3.0, max_seconds=2.0)
+    assert out == {"skipped": "one batch takes 3.00 s > max_seconds 2"}
