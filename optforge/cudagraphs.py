@@ -104,16 +104,6 @@ class GraphedForward:
                 out = self.fn(entry.ids, entry.mask).float()
             return out[:b].clone()
 
-    def prepare(self, shapes) -> None:
-        """Capture the buckets of these (batch, length) shapes now rather than on first use."""
-        import torch
-
-        with self._lock, torch.inference_mode():
-            for b, s in shapes:
-                B, S = bucket_for(b, self.batch_buckets), bucket_for(s, self.length_buckets)
-                if B is not None and S is not None and (B, S) not in self._entries:
-                    self._make(B, S)
-
     def _make(self, B: int, S: int) -> _Entry:
         import torch
 

@@ -163,7 +163,8 @@ def no_cudnn_attention():
 
     Training batches change shape every step (length bucketing), and cuDNN's attention builds an
     execution plan per new shape on the host: profiled on an H200 (torch 2.11, bf16 autocast, MiniLM-L6,
-    batch 32), its forward cost 2.5 ms and its backward 6.2 ms of CPU time per call, 70% of a 38 ms step.
+    batch 32), its forward cost 2.5 ms and its backward 6.2 ms of CPU time per call, six calls per step:
+    70% of the profiled step's CPU time.
     The memory-efficient and flash kernels have no such per-shape setup."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -189,9 +190,9 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     lengths = [len(s) for s in ids]
     rng = random.Random(spec.seed)
     labels_t = torch.tensor(labels, dtype=torch.long)
-    use_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
 
     cuda = torch.device(device).type == "cuda"
+    use_bf16 = cuda and torch.cuda.is_bf16_supported()
     # On CUDA nothing in the loop waits for the GPU: batches are copied from pinned memory without
     # blocking, labels and teacher logits live on the device, and the loss is read back every
     # LOSS_EVERY steps, so the host queues step n+1 while the GPU runs step n.

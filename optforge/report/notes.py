@@ -34,7 +34,7 @@ def _split(row: dict, b: str) -> Optional[str]:
     if m is None or not e:
         return None
     text = f"batch {b}: forward {fmt.ms(m)} of {fmt.ms(e)} ms, {fmt.pct(max(e - m, 0) / e * 100)} outside the model"
-    pre = ((row.get("pretokenized_ms") or {}).get(b) or {}).get("p50")
+    pre = (row["pretokenized_ms"].get(b) or {}).get("p50")
     if pre is not None:
         text += f" (tokenization {fmt.pct(max(e - pre, 0) / e * 100)})"
     return text
@@ -56,7 +56,7 @@ def glue_notes(doc: dict, ok: list[dict]) -> list[str]:
                     if row is base else "")
             out.append(f"{lead}For `{row['name']}`: " + "; ".join(parts) + ".")
     gains = [(r["pipelined"][b]["gain"], r, b) for r in ok for b in batches
-             if (r.get("pipelined") or {}).get(b)]
+             if r["pipelined"].get(b)]
     if gains:
         g, r, b = max(gains, key=lambda x: x[0])
         out.append(f"Overlapping the next batch's tokenization with this batch's forward (`predict_pipelined`) "

@@ -123,8 +123,8 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
                 "cv": _scopes_pct(r["cv"].get(b)),
                 "throughput": f"{fmt.rate(thr.get('e2e'))} / {fmt.rate(thr.get('model'))}",
                 "pct_peak": fmt.pct(peak.get("model")),
-                "pretok": fmt.ms(((r.get("pretokenized_ms") or {}).get(b) or {}).get("p50")),
-                "pipelined": _pipelined(((r.get("pipelined") or {}).get(b))),
+                "pretok": fmt.ms((r["pretokenized_ms"].get(b) or {}).get("p50")),
+                "pipelined": _pipelined(r["pipelined"].get(b)),
             })
     resources = [{"name": r["name"], "size": fmt.size(r["size_mb"]), "params": fmt.params(r["params"], r["nonzero_params"]),
                   "mem": fmt.size(r["peak_mem_mb"]), "load": _s(r["load_s"]), "warmup": _s(r["warmup_s"]),
