@@ -62,3 +62,39 @@ def format_path(path: tuple) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+# --------------------------------------------------------------------------- one rule for each of these
+
+# Library errors a kernel raises when a method, dtype, shape or device combination is not supported here
+# (torch: RuntimeError/NotImplementedError; torchao: AssertionError/ValueError for shapes it rejects,
+# ImportError for a kernel library that is absent). Inside a `kernel_failure` block they mean "this
+# configuration cannot run here": a deterministic StageFailure, recorded, and the build goes on.
+KERNEL_ERRORS = (RuntimeError, NotImplementedError, AssertionError, ImportError, ValueError)
+
+
+def one_line(error, limit: "int | None" = 200) -> str:
+    """An exception (as `Type: message`) or a text, whitespace collapsed to one line, at most `limit` chars
+    (None: no limit)."""
+    if isinstance(error, BaseException):
+        msg = " ".join(str(error).split())
+        msg = f"{type(error).__name__}: {msg}" if msg else type(error).__name__
+    else:
+        msg = " ".join(str(error or "").split())
+    return msg if limit is None or len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+class kernel_failure:
+    """Context manager: a `KERNEL_ERRORS` exception inside the block -> StageFailure("<what>: <one line>").
+    OptforgeErrors pass through unchanged; anything else is a bug and keeps its traceback."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is None or isinstance(exc, OptforgeError) or not isinstance(exc, KERNEL_ERRORS):
+            return False
+        raise StageFailure(f"{self.what}: {one_line(exc)}") from exc

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from optforge.errors import OptforgeError
+from optforge.errors import OptforgeError, one_line
 
 WEIGHTS = "model.safetensors"
 ENCODER_CONFIG = "config.json"
@@ -209,7 +209,7 @@ def _from_pretrained(loader, ref: str, what: str, **kw):
             try:
                 return loader(where, **kw)
             except (OSError, ValueError) as e:
-                raise ModelSourceError(f"cannot load the {what} from {ref!r} ({where}): {_first_line(e)}") from e
+                raise ModelSourceError(f"cannot load the {what} from {ref!r} ({where}): {one_line(e)}") from e
         try:  # the local HF cache first: works offline, never waits on the network
             return loader(where, local_files_only=True, **kw)
         except (OSError, ValueError):
@@ -219,12 +219,7 @@ def _from_pretrained(loader, ref: str, what: str, **kw):
         except (OSError, ValueError) as e:
             raise ModelSourceError(
                 f"cannot load the {what} {ref!r}: not in the local Hugging Face cache and not downloadable "
-                f"({_first_line(e)}); fix: run once with network access, or point to a local folder") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+                f"({one_line(e)}); fix: run once with network access, or point to a local folder") from e
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):

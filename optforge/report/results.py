@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from optforge.errors import one_line
 from optforge.report.serving import serving_from_results
 
 SCHEMA_VERSION = 1
@@ -40,10 +41,6 @@ def _r(x: Optional[float], nd: int) -> Optional[float]:
 
 def _status(results: dict, name: str) -> dict:
     return results.get(name) or {"status": "missing", "metrics": {}, "reason": None, "key": None}
-
-
-def _one_line(text: Optional[str]) -> str:
-    return " ".join(str(text or "").split())
 
 
 def stage_label(name: str) -> str:
@@ -66,13 +63,13 @@ def config_status(graph, results: dict, config: str) -> tuple[str, Optional[str]
     for name in order:  # topological: the first failure is the cause, later ones are consequences
         st = _status(results, name)
         if st.get("status") == "failed":
-            return "failed", f"{stage_label(name)}: {_one_line(st.get('reason')) or 'failed'}"
+            return "failed", f"{stage_label(name)}: {one_line(st.get('reason'), limit=None) or 'failed'}"
     states = {w: _status(results, w) for w in wanted}
     if all(s.get("status") == "ok" for s in states.values()):
         return "ok", None
     for w, s in states.items():
         if s.get("status") == "skipped":
-            return "skipped", _one_line(s.get("reason")) or f"{w} was skipped"
+            return "skipped", one_line(s.get("reason"), limit=None) or f"{w} was skipped"
     missing = [w for w, s in states.items() if s.get("status") != "ok"]
     return "missing", f"not built: {', '.join(missing)}"
 

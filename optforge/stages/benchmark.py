@@ -29,13 +29,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from optforge import bench, hardware
-from optforge.errors import DataError, StageFailure
+from optforge.errors import KERNEL_ERRORS, DataError, StageFailure, one_line
 from optforge.recipe import BenchmarkParams
 from optforge.stages.base import StageContext, StageKind
 
-# Errors a forward raises when a kernel/shape/device combination is unsupported. Anything else
-# escaping a forward is a bug and keeps its traceback.
-_EXPECTED = (RuntimeError, NotImplementedError)
 
 
 def run(ctx: StageContext) -> dict:
@@ -200,22 +197,16 @@ def _proc_status_mb(key: str) -> Optional[float]:
 # --------------------------------------------------------------------------- the harness
 
 
-def one_line(e: BaseException, limit: int = 200) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    msg = f"{type(e).__name__}: {msg}"
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
 def _first_call(fn: Callable[[], object], what: str) -> float:
     """Run the first (compile/lazy-init) call; an expected error that repeats on a second try is a
     deterministic failure of this configuration -> StageFailure with a one-line reason."""
     t0 = time.perf_counter()
     try:
         fn()
-    except _EXPECTED as first:
+    except KERNEL_ERRORS as first:
         try:
             fn()
-        except _EXPECTED as again:
+        except KERNEL_ERRORS as again:
             raise StageFailure(f"{what}: {one_line(again)}") from again
         raise StageFailure(f"{what}: flaky first call ({one_line(first)})") from first
     return time.perf_counter() - t0
@@ -253,7 +244,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
         sample = sample_texts(texts, b, params.seed)
         try:
             batch = runnable.encode(sample, pad_to=params.fixed_length)
-        except _EXPECTED as e:
+        except KERNEL_ERRORS as e:
             raise StageFailure(f"encode at batch {b}: {one_line(e)}") from e
         seq_len = int(batch["input_ids"].shape[1])
         mask = batch.get("attention_mask")

@@ -34,7 +34,7 @@ import shutil
 import time
 from pathlib import Path
 
-from optforge.errors import OptforgeError, StageFailure
+from optforge.errors import OptforgeError, StageFailure, one_line
 from optforge.recipe import CompileParams
 from optforge.stages.base import StageContext, StageKind
 
@@ -347,7 +347,7 @@ def verify(fn, model, tokenizer, device: str, max_batch: int, max_length: int) -
             try:
                 got = fn(*inputs).float()
             except RuntimeError as e:
-                raise StageFailure(f"compiled model fails at batch {b}, seq {s}: {_first_line(e)}") from e
+                raise StageFailure(f"compiled model fails at batch {b}, seq {s}: {one_line(e)}") from e
             if not torch.isfinite(got).all():
                 raise StageFailure(f"compiled model gives non-finite logits at batch {b}, seq {s}")
             worst = max(worst, (got - ref).abs().max().item())
@@ -441,12 +441,6 @@ def _param_count(model) -> tuple[int, int]:
 
 def _artifact_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else type(e).__name__
-    return first if len(first) <= 200 else first[:197] + "..."
 
 
 if __name__ == "__main__":  # the AOTInductor child process (aoti_in_child)

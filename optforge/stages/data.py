@@ -14,7 +14,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from optforge.errors import DataError
+from optforge.errors import DataError, one_line
 from optforge.recipe import DataSpec
 from optforge.stages.base import StageContext, StageKind
 
@@ -160,7 +160,7 @@ def _read_hf(spec: DataSpec, split: str) -> list[Row]:
             head, _, tail = path.rpartition("/")
             ds = datasets.load_dataset(head, tail, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown id, unknown split: one clear line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e)
         raise DataError(f"{spec.dataset} split {split!r}: cannot load ({reason}); offline? download the "
                         f"files and point data.dataset at their folder") from None
     for col in (spec.text, spec.label):

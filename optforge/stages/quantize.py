@@ -43,7 +43,7 @@ import shutil
 import time
 from pathlib import Path
 
-from optforge.errors import OptforgeError, StageFailure
+from optforge.errors import OptforgeError, StageFailure, kernel_failure
 from optforge.recipe import QuantizeParams
 from optforge.stages.base import StageContext, StageKind
 
@@ -59,7 +59,6 @@ CALIBRATION_TEXTS = [
 FORMATS_OF = {"torch-int8-dynamic": "torch-int8-dynamic"}  # every other method: "torchao"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 WEIGHTS_PICKLE = "model.pt"
-KERNEL_ERRORS = (RuntimeError, NotImplementedError, AssertionError, ImportError, ValueError)
 
 
 def run(ctx: StageContext) -> dict:
@@ -152,24 +151,6 @@ def check_supported(method: str, precision: str, device: str) -> None:
     if method == "int4-weight-only" and device == "cuda" and precision != "bf16":
         raise StageFailure(f"int4-weight-only on CUDA (tinygemm) computes in bf16; got precision {precision} "
                            "(use bf16)")
-
-
-class kernel_failure:
-    """Context manager: a library error inside the block -> StageFailure("<what>: <first line>")."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, typ, exc, tb):
-        if exc is None or isinstance(exc, OptforgeError) or not isinstance(exc, KERNEL_ERRORS):
-            return False
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        first = first if len(first) <= 200 else first[:197] + "..."
-        raise StageFailure(f"{self.what}: {type(exc).__name__}: {first}") from exc
 
 
 # --------------------------------------------------------------------------- quantizing
