@@ -1,8 +1,9 @@
 """Recipe -> DAG of stage nodes. Pure: no torch, no file reads (paths are only resolved as strings).
 
 Stage names are what users type (`--force distill`, `--until evaluate:baseline`):
-  data, teacher, student, distill, prune:<name>,
-  quantize:<config>, compile:<config>, evaluate:<config>, benchmark:<config>
+  data, teacher, student, distill, prune:<name>, then per configuration <kind>:<config> for every stage
+  kind with a row step (optforge.stages.base.RowStep, in row order: quantize, compile, evaluate,
+  benchmark), and serve_benchmark when the recipe asks for it
 Configurations that share a (model, precision, quantization) path get equal keys, so the cache
 computes each distinct artifact once however many rows use it.
 """
@@ -16,6 +17,7 @@ from typing import Iterable, Optional
 
 from optforge.errors import OptforgeError
 from optforge.recipe import Recipe, model_stage_name
+from optforge.stages.base import row_steps
 
 
 @dataclass(frozen=True)
@@ -115,27 +117,20 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
         if not ready:  # unreachable after recipe validation; kept so a bug cannot loop forever
             raise OptforgeError(f"prune entries form a cycle: {[p.name for p in pending]}")
 
-    quant = {q.name: q for q in recipe.quantize}
-    max_batch = max(recipe.benchmark.batch_sizes)
+    # each configuration (report row): its model stage, then every registered row step that applies to it
+    # (stages.base.RowStep: quantize, compile, ... make the next artifact; evaluate, benchmark measure it)
     config_model: dict[str, str] = {}  # config -> the stage whose artifact it runs
+    steps = row_steps()
     for c in recipe.configs:
         src = model_stage_name(recipe, c.model)
-        if c.quantize is not None:
-            q = quant[c.quantize]
-            add(Node(f"quantize:{c.name}", "quantize",
-                     {"method": q.method, "group_size": q.group_size, "precision": c.precision},
-                     {"model": src}, config=c.name))
-            src = f"quantize:{c.name}"
-        if c.compile != "none":
-            add(Node(f"compile:{c.name}", "compile",
-                     {"mode": c.compile, "precision": c.precision, "max_length": data.max_length,
-                      "max_batch": max(max_batch, 64)},
-                     {"model": src}, config=c.name))
-            src = f"compile:{c.name}"
-        add(Node(f"evaluate:{c.name}", "evaluate", {"precision": c.precision},
-                 {"model": src, "data": "data"}, config=c.name))
-        bench = recipe.benchmark.model_dump(mode="json") | {"precision": c.precision}
-        add(Node(f"benchmark:{c.name}", "benchmark", bench, {"model": src, "data": "data"}, config=c.name))
+        for kind in steps:
+            step = kind.row
+            if not step.applies(recipe, c):
+                continue
+            inputs = {"model": src} | ({"data": "data"} if step.needs_data else {})
+            add(Node(f"{kind.kind}:{c.name}", kind.kind, step.params(recipe, c), inputs, config=c.name))
+            if not step.measure:
+                src = f"{kind.kind}:{c.name}"
         config_model[c.name] = src
     sb = recipe.serve_benchmark
     if sb is not None:

@@ -6,25 +6,23 @@ Pure: no torch, no I/O. Reading YAML with node positions and turning pydantic er
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
+                      model_validator)
 
 from optforge.errors import RecipeError
+from optforge.methods import compile as compile_methods
+from optforge.methods import quantize as quant_methods
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 Precision = Literal["fp32", "bf16", "fp16"]
-CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
-QuantMethod = Literal[
-    "torch-int8-dynamic",  # PyTorch's own dynamic int8 for nn.Linear (CPU)
-    "int8-dynamic",  # torchao Int8DynamicActivationInt8WeightConfig
-    "int8-weight-only",  # torchao Int8WeightOnlyConfig
-    "int4-weight-only",  # torchao Int4WeightOnlyConfig(group_size)
-    "float8",  # torchao Float8DynamicActivationFloat8WeightConfig (GPUs with fp8, sm >= 8.9)
-]
+# Derived from the method registries (optforge.methods): a new method or mode is one definition there.
+CompileMode = Literal[compile_methods.mode_names()]
+QuantMethod = Literal[tuple(quant_methods.QUANT_METHODS)]
 
 
 class Strict(BaseModel):
@@ -132,9 +130,9 @@ class DistillSpec(TrainSpec):
     lr: float = Field(1e-4, gt=0, lt=1)
 
 
-class PruneSpec(Strict):
-    name: str = Field(pattern=NAME_RE)
-    model: str = "student"  # teacher | student | another prune entry's name
+class PruneFields(Strict):
+    """What a prune step does; the stage's parameters (`PruneParams`) are exactly these, validators included."""
+
     method: Literal["structured", "unstructured"]
     amount: float = Field(0.0, ge=0, lt=1)  # unstructured: fraction of Linear weights zeroed (L1)
     heads: float = Field(0.0, ge=0, lt=1)  # structured: fraction of attention heads removed per layer
@@ -154,17 +152,71 @@ class PruneSpec(Strict):
         return self
 
 
-class QuantizeSpec(Strict):
+class PruneSpec(PruneFields):
     name: str = Field(pattern=NAME_RE)
-    method: QuantMethod
-    group_size: int = 128  # int4-weight-only only
+    model: str = "student"  # teacher | student | another prune entry's name
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v):
-        if v not in (32, 64, 128, 256):
-            raise ValueError(f"group_size must be one of 32, 64, 128, 256, got {v}")
-        return v
+
+def _quant_option_check(field: str):
+    """Validator of one method parameter in a quantize entry: it must be a parameter of the entry's
+    method, and valid for it (the method's own `params` model decides)."""
+
+    def check(cls, value, info):
+        if value is None:
+            return value
+        method = quant_methods.QUANT_METHODS.get(info.data.get("method"))
+        if method is None:  # the method itself is the error, reported at `method`
+            return value
+        declared = method.params.model_fields
+        if field not in declared:
+            takes = f"its parameters: {', '.join(declared)}" if declared else "it takes no parameters"
+            users = [m.name for m in quant_methods.QUANT_METHODS.values() if field in m.params.model_fields]
+            raise ValueError(f"`{field}` is not a parameter of {method.name} ({takes}); it is for "
+                             f"{', '.join(users)}")
+        try:
+            method.params.model_validate({field: value})
+        except ValidationError as e:
+            raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return value
+
+    return field_validator(field)(check)
+
+
+# Parameters every quantize stage's key has carried since before methods declared their own: a method
+# without them keys on these values, so the stage keys of existing caches stay valid.
+QUANTIZE_KEY_DEFAULTS = {"group_size": 128}
+
+
+class _QuantizeStep(Strict):
+    """Base of QuantizeSpec: it dumps (for the recipe hash, and so the stage parameters) with the
+    method's parameters filled in and QUANTIZE_KEY_DEFAULTS for those it does not declare."""
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = {k: v for k, v in handler(self).items() if k not in quant_methods.option_fields()}
+        return out | QUANTIZE_KEY_DEFAULTS | quant_method_params(self).model_dump(mode="json")
+
+
+def _quantize_spec() -> type[BaseModel]:
+    """`quantize[i]`: a name, a registered method, and that method's own parameters (only those)."""
+    options = quant_methods.option_fields()
+    return create_model(
+        "QuantizeSpec", __base__=_QuantizeStep, __module__=__name__,
+        __doc__="A named quantization step: `method` is a registered method (optforge.methods.quantize); "
+                "any other key is one of that method's parameters.",
+        __validators__={f"_check_{f}": _quant_option_check(f) for f in options},
+        name=(str, Field(pattern=NAME_RE)), method=(QuantMethod, ...),
+        **{f: (Optional[info.annotation], Field(None, description=info.description)) for f, info in options.items()})
+
+
+QuantizeSpec = _quantize_spec()
+
+
+def quant_method_params(spec) -> BaseModel:
+    """The method's parameters of a quantize entry (its defaults filled in)."""
+    method = quant_methods.get_method(spec.method)
+    given = {f: getattr(spec, f) for f in method.params.model_fields if getattr(spec, f, None) is not None}
+    return method.params.model_validate(given)
 
 
 # --------------------------------------------------------------------------- configurations & report
@@ -468,18 +520,31 @@ def model_stage_name(recipe: Recipe, model: str) -> str:
 # Stages whose parameters are not a recipe section verbatim. `optforge.graph` fills them from the recipe.
 
 
-class PruneParams(Strict):
-    method: Literal["structured", "unstructured"]
-    amount: float = Field(0.0, ge=0, lt=1)
-    heads: float = Field(0.0, ge=0, lt=1)
-    ffn: float = Field(0.0, ge=0, lt=1)
-    recover: Optional[DistillSpec] = None
+PruneParams = PruneFields
 
 
 class QuantizeParams(Strict):
+    """The quantize stage's parameters: the method, the row's precision, and the method's parameters
+    (validated by the method), plus QUANTIZE_KEY_DEFAULTS for the methods that do not declare them."""
+
     method: QuantMethod
-    group_size: int = 128
+    group_size: int = QUANTIZE_KEY_DEFAULTS["group_size"]
     precision: Precision = "fp32"
+
+    @model_validator(mode="after")
+    def _method_params(self):
+        self.method_params()
+        return self
+
+    def method_params(self) -> BaseModel:
+        method = quant_methods.get_method(self.method)
+        return method.params.model_validate({f: getattr(self, f) for f in method.params.model_fields})
+
+    @classmethod
+    def for_step(cls, spec, precision: str) -> dict:
+        """The stage parameters (JSON) of quantize entry `spec` in a row computing in `precision`."""
+        step = {k: v for k, v in spec.model_dump(mode="json").items() if k != "name"}
+        return cls.model_validate(step | {"precision": precision}).model_dump(mode="json")
 
 
 class CompileParams(Strict):
@@ -487,6 +552,12 @@ class CompileParams(Strict):
     precision: Precision = "fp32"
     max_length: int = 64  # longest sequence the compiled artifact must accept
     max_batch: int = 32  # largest batch it must accept
+
+    @classmethod
+    def for_row(cls, recipe: "Recipe", c: ConfigSpec) -> dict:
+        """A row's compile: the data's max length, and batches up to the largest benchmarked (at least 64)."""
+        return {"mode": c.compile, "precision": c.precision, "max_length": recipe.data.max_length,
+                "max_batch": max(max(recipe.benchmark.batch_sizes), 64)}
 
 
 class EvaluateParams(Strict):

@@ -44,9 +44,12 @@ def _status(results: dict, name: str) -> dict:
 
 
 def stage_label(name: str) -> str:
-    """`quantize:int8` -> `quantize` (the row already names the config); `prune:p50` stays whole."""
+    """A row's own stage by its kind (`quantize:int8` -> `quantize`: the row already names the config);
+    any other stage whole (`prune:p50`)."""
+    from optforge.stages.base import row_kinds
+
     kind, _, rest = name.partition(":")
-    return kind if kind in ("quantize", "compile", "evaluate", "benchmark") and rest else name
+    return kind if rest and kind in row_kinds() else name
 
 
 def config_status(graph, results: dict, config: str) -> tuple[str, Optional[str]]:

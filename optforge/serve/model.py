@@ -38,7 +38,7 @@ def batch_function(runnable):
 def load_for_serving(artifact_dir, device: str, precision: str = "fp32"):
     """(runnable, batch function), with torch using every core for intra-op work."""
     from optforge import training
-    from optforge.runtime import load_runnable
+    from optforge.artifacts import load_runnable
 
     training.configure_threads()
     runnable = load_runnable(artifact_dir, device, precision)

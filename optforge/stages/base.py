@@ -20,6 +20,22 @@ from pydantic import BaseModel
 
 
 @dataclass(frozen=True)
+class RowStep:
+    """How a stage kind joins a configuration (a report row) in the stage graph: rows run their kinds'
+    steps in `order`; a `measure=False` step makes the row's next artifact from the one before it
+    (quantize, compile), a `measure=True` step reads the row's final artifact (evaluate, benchmark).
+    `applies(recipe, config)` says whether the row runs this step, `params(recipe, config)` gives the
+    stage's parameters (JSON), and `needs_data` wires the data stage in as the `data` input.
+    optforge.graph builds every row from these; the report labels such a stage by its kind alone."""
+
+    order: int
+    measure: bool
+    applies: Callable[[Any, Any], bool]
+    params: Callable[[Any, Any], dict]
+    needs_data: bool = False
+
+
+@dataclass(frozen=True)
 class StageKind:
     kind: str
     version: str  # bump when the stage's outputs change for the same inputs
@@ -30,6 +46,7 @@ class StageKind:
     # Runs even when some inputs failed or were skipped, and is handed only the inputs that succeeded
     # (serve_benchmark with `config: best` depends on every row; one failed row must not cancel it).
     tolerates_failed_inputs: bool = False
+    row: Optional[RowStep] = None  # set for the kinds a configuration (report row) runs
 
 
 @dataclass
@@ -91,6 +108,16 @@ def known_kinds() -> list[str]:
 def register(kind: str, target: str) -> None:
     """Plugins register a kind as "package.module:ATTRIBUTE" (imported only when that kind is used)."""
     _KINDS[kind] = target
+
+
+def row_steps() -> list[StageKind]:
+    """The kinds a configuration runs, in row order (imports every registered stage module; no torch)."""
+    kinds = [get_kind(k) for k in _KINDS]
+    return sorted((k for k in kinds if k.row is not None), key=lambda k: k.row.order)
+
+
+def row_kinds() -> frozenset[str]:
+    return frozenset(k.kind for k in row_steps())
 
 
 def get_kind(kind: str) -> StageKind:

@@ -31,14 +31,13 @@ from typing import Callable, Optional
 from optforge import bench, hardware
 from optforge.errors import KERNEL_ERRORS, DataError, StageFailure, one_line
 from optforge.recipe import BenchmarkParams
-from optforge.stages.base import StageContext, StageKind
+from optforge.stages.base import RowStep, StageContext, StageKind
 
 
 
 def run(ctx: StageContext) -> dict:
-    import torch
-
-    from optforge.runtime import load_runnable
+    from optforge.artifacts import compute_precision, load_runnable
+    from optforge.modeling import read_meta
 
     params: BenchmarkParams = ctx.params
     texts = load_eval_texts(_eval_file(ctx))
@@ -49,11 +48,13 @@ def run(ctx: StageContext) -> dict:
         sync()
         load_s = time.perf_counter() - t0
         return benchmark_runnable(runnable, texts, params, load_s=load_s,
-                                  compute_precision=compute_precision(ctx.inputs["model"], params.precision),
+                                  compute_precision=compute_precision(read_meta(ctx.inputs["model"]), params.precision),
                                   log=ctx.log)
 
 
-KIND = StageKind(kind="benchmark", version="3", params_model=BenchmarkParams, run=run, hardware_bound=True)
+KIND = StageKind(kind="benchmark", version="3", params_model=BenchmarkParams, run=run, hardware_bound=True,
+                 row=RowStep(order=110, measure=True, applies=lambda recipe, c: True,
+                             params=lambda recipe, c: recipe.benchmark.model_dump(mode="json") | {"precision": c.precision}, needs_data=True))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -85,23 +86,6 @@ def sample_texts(texts: list[str], batch_size: int, seed: int) -> list[str]:
     """`batch_size` sentences drawn with replacement, seeded per (seed, batch size)."""
     rng = random.Random(seed * 1_000_003 + batch_size)
     return [texts[rng.randrange(len(texts))] for _ in range(batch_size)]
-
-
-def compute_precision(artifact: Path, precision: str) -> str:
-    """The precision the matmuls run in, for picking the hardware peak: int8 for dynamic int8
-    quantization, fp8 for float8, else the config's precision (weight-only methods dequantize)."""
-    try:
-        meta = json.loads((Path(artifact) / "optforge_model.json").read_text())
-    except (OSError, ValueError):
-        return precision
-    if meta.get("compute_precision"):
-        return str(meta["compute_precision"])
-    tags = {str(meta.get(k, "")) for k in ("format", "method", "quantization")}
-    if tags & {"torch-int8-dynamic", "int8-dynamic"}:
-        return "int8"
-    if "float8" in tags:
-        return "fp8"
-    return precision
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -214,7 +198,7 @@ def _first_call(fn: Callable[[], object], what: str) -> float:
 
 def benchmark_runnable(runnable, texts: list[str], params: BenchmarkParams, *, load_s: float = 0.0,
                        compute_precision: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-    """Time `runnable` (the Runnable API of optforge.runtime) on `texts` with `params.threads` (default:
+    """Time `runnable` (the Runnable API of optforge.artifacts.runnable) on `texts` with `params.threads` (default:
     all cores); returns the benchmark metrics of docs/ARCHITECTURE.md plus the extras documented in
     docs/results-schema.md."""
     with _threads(params.threads):

@@ -1,5 +1,5 @@
 """evaluate: accuracy and macro-F1 of any model artifact (float, quantized, compiled) on eval.jsonl,
-run through `optforge.runtime.load_runnable` on the build's device and precision.
+run through `optforge.artifacts.load_runnable` on the build's device and precision.
 
 A kernel that does not exist here (a quantized kernel missing for this device or shape) becomes a
 StageFailure with a one-line reason (`errors.kernel_failure`, the one rule every stage uses): the report
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from optforge.errors import kernel_failure
 from optforge.recipe import EvaluateParams
-from optforge.stages.base import StageContext, StageKind
+from optforge.stages.base import RowStep, StageContext, StageKind
 
 def run(ctx: StageContext) -> dict:
     from optforge import training
-    from optforge.runtime import load_runnable
+    from optforge.artifacts import load_runnable
     from optforge.stages.data import EVAL_FILE, read_examples
 
     params: EvaluateParams = ctx.params
@@ -34,4 +34,6 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-KIND = StageKind(kind="evaluate", version="1", params_model=EvaluateParams, run=run, hardware_bound=True)
+KIND = StageKind(kind="evaluate", version="1", params_model=EvaluateParams, run=run, hardware_bound=True,
+                 row=RowStep(order=100, measure=True, applies=lambda recipe, c: True,
+                             params=lambda recipe, c: {"precision": c.precision}, needs_data=True))

@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> dict:
     import torch
 
     from optforge import modeling, training
-    from optforge.runtime import flops_per_token
+    from optforge.artifacts.runnable import flops_per_token
     from optforge.stages.data import Splits
 
     params: PruneParams = ctx.params

@@ -24,6 +24,6 @@ def tiny_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_runnable(tiny_artifact):
-    from optforge.runtime import load_runnable
+    from optforge.artifacts import load_runnable
 
     return load_runnable(tiny_artifact, "cpu")

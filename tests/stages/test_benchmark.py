@@ -35,7 +35,7 @@ def _tokenizer_dir() -> Path:
 
 
 class TinyRunnable:
-    """The Runnable API of optforge.runtime (docs/ARCHITECTURE.md) over a tiny random BertModel."""
+    """The Runnable API of optforge.artifacts (docs/ARCHITECTURE.md) over a tiny random BertModel."""
 
     def __init__(self, fail_at_batch: int | None = None):
         torch.manual_seed(0)
@@ -147,12 +147,15 @@ def test_sampling_is_seeded_and_uses_real_sentences():
     assert set(a) <= set(SENTENCES)
 
 
-def test_compute_precision_reads_the_artifact(tmp_path):
-    (tmp_path / "optforge_model.json").write_text(json.dumps({"format": "torch-int8-dynamic"}))
-    assert benchmark.compute_precision(tmp_path, "fp32") == "int8"
-    (tmp_path / "optforge_model.json").write_text(json.dumps({"format": "float"}))
-    assert benchmark.compute_precision(tmp_path, "bf16") == "bf16"
-    assert benchmark.compute_precision(tmp_path / "missing", "fp32") == "fp32"
+def test_compute_precision_comes_from_the_method_registry():
+    from optforge.artifacts import compute_precision
+
+    assert compute_precision({"format": "torch-int8-dynamic", "method": "torch-int8-dynamic"}, "fp32") == "int8"
+    assert compute_precision({"format": "torch-int8-dynamic", "method": "torch-fp16-dynamic"}, "fp32") == "fp32"
+    assert compute_precision({"format": "torchao", "method": "float8"}, "bf16") == "fp8"
+    assert compute_precision({"format": "torchao", "method": "int8-weight-only"}, "bf16") == "bf16"
+    assert compute_precision({"format": "float"}, "bf16") == "bf16"
+    assert compute_precision({"format": "aoti", "method": "int8-dynamic", "compute_precision": "fp32"}, "fp32") == "fp32"
 
 
 def test_kind_is_registered_and_hardware_bound():
@@ -162,7 +165,7 @@ def test_kind_is_registered_and_hardware_bound():
 
 def test_stage_runs_a_real_artifact_through_load_runnable(tmp_path):
     """The stage entry point as the engine calls it: eval.jsonl from the data artifact, the model through
-    optforge.runtime.load_runnable, threads set for the run and restored after."""
+    optforge.artifacts.load_runnable, threads set for the run and restored after."""
     from optforge.modeling import TextClassifier, load_tokenizer, random_encoder, save_classifier
     from optforge.recipe import RandomInitSpec
 

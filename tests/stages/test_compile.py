@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from optforge import modeling
-from optforge.runtime import flops_per_token, load_runnable
-from optforge.stages.compile import example_inputs
+from optforge.artifacts import load_runnable
+from optforge.artifacts.runnable import flops_per_token
+from optforge.artifacts.compiled import example_inputs
 from tiny_models import save_tiny
 
 SHAPES = [(1, 3), (1, 64), (32, 3), (32, 64), (5, 17)]
@@ -62,9 +63,9 @@ def test_aoti_artifact_matches_eager_and_loads_without_compiling(run_stage, tmp_
 FRESH_PROCESS_CHECK = r"""
 import json, sys, torch
 from torch._dynamo.utils import counters
-from optforge.runtime import load_runnable
-from optforge.stages.compile import example_inputs
-from optforge.stages.quantize import load_quantized_module
+from optforge.artifacts import load_runnable
+from optforge.artifacts.compiled import example_inputs
+from optforge.artifacts.quantized import load_module as load_quantized_module
 
 runnable = load_runnable(sys.argv[1], "cpu")  # hot-loads the artifacts and replays the warm-up shapes
 graphs_after_load = counters["stats"]["unique_graphs"]
@@ -105,7 +106,7 @@ def test_fallback_reuses_inductor_cache_artifacts_in_a_fresh_process(run_stage, 
 
 
 def test_allowed_difference_bounds():
-    from optforge.stages.compile import allowed_difference
+    from optforge.methods.compile import allowed_difference
 
     assert allowed_difference("float", "fp32", 10.0, None) == pytest.approx(1e-2)
     assert allowed_difference("float", "bf16", 0.2, 0.5) == pytest.approx(3e-2)  # scale floored at 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optforge.cudagraphs import GraphedForward, batch_buckets, bucket_for, length_buckets
-from optforge.stages.compile import example_inputs
+from optforge.artifacts.compiled import example_inputs
 from tiny_models import build_tiny
 
 

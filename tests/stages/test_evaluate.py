@@ -57,7 +57,7 @@ def test_bf16_evaluation_is_close(tiny_teacher, toy_data, run_stage, tmp_path):
 
 
 def _failing_runnable(tiny_teacher, exc):
-    from optforge.runtime import Runnable
+    from optforge.artifacts.runnable import Runnable
 
     model, tok, meta = load_classifier(tiny_teacher[0])
 
@@ -68,11 +68,11 @@ def _failing_runnable(tiny_teacher, exc):
 
 
 def test_unsupported_kernel_becomes_a_stage_failure(tiny_teacher, toy_data, run_stage, tmp_path, monkeypatch):
-    import optforge.runtime
+    import optforge.artifacts
 
     exc = RuntimeError("Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend.\n"
                        "This could be because the operator doesn't exist for this backend ...")
-    monkeypatch.setattr(optforge.runtime, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
+    monkeypatch.setattr(optforge.artifacts, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
     with pytest.raises(StageFailure) as info:
         run_stage("evaluate", {}, tmp_path, {"model": tiny_teacher[0], "data": toy_data[0]})
     assert str(info.value) == ("forward: RuntimeError: Could not run 'quantized::linear_dynamic' with arguments "
@@ -82,7 +82,7 @@ def test_unsupported_kernel_becomes_a_stage_failure(tiny_teacher, toy_data, run_
     def no_loader(*a):
         raise NotImplementedError("int4 weight-only needs CUDA")
 
-    monkeypatch.setattr(optforge.runtime, "load_runnable", no_loader)
+    monkeypatch.setattr(optforge.artifacts, "load_runnable", no_loader)
     with pytest.raises(StageFailure, match="^load: NotImplementedError: int4 weight-only needs CUDA$"):
         run_stage("evaluate", {}, tmp_path, {"model": tiny_teacher[0], "data": toy_data[0]})
 
@@ -90,10 +90,10 @@ def test_unsupported_kernel_becomes_a_stage_failure(tiny_teacher, toy_data, run_
 def test_other_errors_propagate(tiny_teacher, toy_data, run_stage, tmp_path, monkeypatch):
     """Only library errors (errors.KERNEL_ERRORS) inside a kernel call are a row's failure; a TypeError is
     our bug and keeps its traceback."""
-    import optforge.runtime
+    import optforge.artifacts
 
     exc = TypeError("forward() got an unexpected keyword argument 'token_type_ids'")
-    monkeypatch.setattr(optforge.runtime, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
+    monkeypatch.setattr(optforge.artifacts, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
     with pytest.raises(TypeError, match="unexpected keyword"):
         run_stage("evaluate", {}, tmp_path, {"model": tiny_teacher[0], "data": toy_data[0]})
 

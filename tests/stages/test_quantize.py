@@ -17,7 +17,8 @@ import torch
 
 from optforge import modeling
 from optforge.errors import StageFailure
-from optforge.runtime import load_runnable
+from optforge.artifacts import load_runnable
+from optforge.methods.quantize import get_method
 from optforge.stages import quantize
 from tiny_models import build_tiny, sample_batch, save_tiny
 
@@ -27,13 +28,23 @@ TEXTS = ["the movie was good", "a really dull and boring plot that never ends at
 # method, precision -> relative tolerance, or the StageFailure reason expected on this CPU
 CPU_EXPECTATIONS = [
     ("torch-int8-dynamic", "fp32", 0.02),
+    ("torch-fp16-dynamic", "fp32", 0.005),  # fp16 weights, fp32 activations and accumulation
     ("int8-dynamic", "fp32", 0.02),
     ("int8-weight-only", "fp32", 0.02),
     ("int8-weight-only", "bf16", 0.03),  # + bf16 activations (8 mantissa bits)
     ("int4-weight-only", "fp32", 0.06),
     ("torch-int8-dynamic", "bf16", "computes in fp32"),
+    ("torch-fp16-dynamic", "bf16", "computes in fp32"),
     ("float8", "fp32", "compute capability >= 8.9"),
 ]
+
+
+
+def apply_method(model, name: str, device: str, **options):
+    """Quantize `model` in place with registered method `name`, given only the options it declares."""
+    method = get_method(name)
+    params = method.params.model_validate({k: v for k, v in options.items() if k in method.params.model_fields})
+    return method.apply(model, params, device)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +98,7 @@ def test_artifact_reloads_bit_identical_and_self_contained(run_stage, tmp_path, 
     # an independent, in-memory quantization of the same float model gives the same logits
     model, tokenizer, _ = modeling.load_classifier(src)
     model = model.to(modeling.PRECISION_DTYPES[precision])
-    quantize.quantize_model(model, method, 32, "cpu")
+    apply_method(model, method, "cpu", group_size=32)
     shutil.rmtree(src)  # the artifact must not point back into its input
     runnable = load_runnable(out, "cpu", precision)
     for texts in (TEXTS, TEXTS[:1]):
@@ -125,9 +136,9 @@ def test_unsupported_group_size_and_device_fail_with_reason(run_stage, tmp_path,
         run_stage("quantize", {"method": "int4-weight-only", "group_size": 256}, tmp_path / "q",
                   {"model": tiny_model})
     with pytest.raises(StageFailure, match="runs on CPU only"):
-        quantize.check_supported("torch-int8-dynamic", "fp32", "cuda")
+        get_method("torch-int8-dynamic").check("fp32", "cuda")
     with pytest.raises(StageFailure, match="bf16"):
-        quantize.check_supported("int4-weight-only", "fp32", "cuda")
+        get_method("int4-weight-only").check("fp32", "cuda")
 
 
 def test_quantizing_a_quantized_model_is_refused(run_stage, tmp_path, tiny_model):

