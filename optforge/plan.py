@@ -9,9 +9,10 @@ cheapest first (DVC order): code version, params, inputs, data, library versions
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from optforge.cache_entry import EntryState
 from optforge.fingerprint import describe_device, sha256_json
 
 
@@ -22,15 +23,6 @@ class KindInfo:
     version: str
     hardware_bound: bool = False
     uses_torch: bool = True
-
-
-@dataclass(frozen=True)
-class EntryState:
-    """A cache entry as seen by the planner. status: ok | failed | missing | corrupted."""
-
-    status: str
-    reason: Optional[str] = None
-    metrics: dict = field(default_factory=dict)
 
 
 @dataclass

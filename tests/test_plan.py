@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from optforge.cache_entry import EntryState
 from optforge.graph import Graph, Node, toposort
-from optforge.plan import (EntryState, KindInfo, key_material, param_changes, plan_stages, select,
-                           stage_key)
+from optforge.plan import KindInfo, key_material, param_changes, plan_stages, select, stage_key
 
 KINDS = {"src": KindInfo("1", uses_torch=False), "train": KindInfo("1"), "bench": KindInfo("1", hardware_bound=True)}
 CPU = {"kind": "cpu", "name": "Xeon", "isa": ["avx2"], "cores": 2}
