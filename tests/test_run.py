@@ -211,8 +211,8 @@ def test_dry_run_runs_nothing(toy):
     assert not toy.with_suffix(".lock").exists()
 
 
-def test_hand_built_graph_shares_equal_work(tmp_path, fake_kinds):
-    """DVC style: drive the executor with a graph made by hand."""
+def hand_built_session(tmp_path):
+    """A session over a graph made by hand (no recipe): DVC style."""
     data = tmp_path / "d.tsv"
     data.write_text("x\t1\n")
     graph = Graph(toposort([
@@ -221,14 +221,30 @@ def test_hand_built_graph_shares_equal_work(tmp_path, fake_kinds):
         Node("eval:a", "evaluate", {}, {"model": "teacher", "data": "data"}),
         Node("eval:b", "evaluate", {"precision": "fp32"}, {"model": "teacher", "data": "data"}),
     ]))
-    cache = Cache(tmp_path / "c")
-    session = make_session("hand", graph, cache, "cpu", tmp_path / "hand.lock")
+    return make_session("hand", graph, Cache(tmp_path / "c"), "cpu", tmp_path / "hand.lock")
+
+
+def test_hand_built_graph_shares_equal_work(tmp_path, fake_kinds):
+    """DVC style: drive the executor with a graph made by hand."""
+    session = hand_built_session(tmp_path)
+    cache = session.cache
     lines = []
     result = execute(session, echo=lines.append, progress=False, render_report=False)
     assert result.ran == ["data", "teacher", "eval:a"] and result.cached == ["eval:b"]
     manifest = json.loads((cache.entry_dir(result.outcomes["eval:a"]["key"]) / "manifest.json").read_text())
     assert manifest["metrics"]["inputs"] == ["data", "model"]  # input_metrics reached the stage
     assert sorted(manifest["files"]) == ["artifact.txt", "sub/artifact.json", "weights.bin"]
+
+
+def test_hand_built_graph_with_the_report_on_builds_and_writes_no_report(tmp_path, monkeypatch, fake_kinds):
+    """No recipe, so no report: `execute` used to crash after the stages ran (recipe_path was None)."""
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    result = execute(hand_built_session(tmp_path), echo=lines.append, progress=False)
+    assert result.ran == ["data", "teacher", "eval:a"] and result.cached == ["eval:b"]
+    assert result.reports == []
+    assert lines[-1] == result.summary and result.summary.startswith("build: 3 ran, 1 cached in ")
+    assert not (tmp_path / "reports").exists()
 
 
 def test_report_gets_every_stage_result(toy, monkeypatch):
