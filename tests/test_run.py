@@ -38,6 +38,19 @@ def run(path, **kw):
     return result
 
 
+def test_fakes_are_the_real_kinds_but_for_run():
+    import dataclasses
+
+    import fake_stages
+    from optforge.stages.base import get_kind, known_kinds
+
+    assert sorted(fake_stages.KINDS) == known_kinds()
+    for name, fake in fake_stages.KINDS.items():
+        real = get_kind(name)
+        assert fake.run is fake_stages.fake_run and dataclasses.replace(fake, run=real.run) == real, name
+    assert fake_stages.KINDS["quantize"].hardware_bound is True  # the drift the hand-copied fakes had
+
+
 def test_first_build_runs_everything_second_nothing(toy):
     first = run(toy)
     assert first.ran == ALL and first.exit_code == 0
