@@ -30,9 +30,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+from optforge.cache_entry import EntryState
 from optforge.errors import CacheError
 from optforge.fingerprint import FileHashes, file_sha256, read_json, write_json_atomic
-from optforge.plan import EntryState
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -9,9 +9,10 @@ cheapest first (DVC order): code version, params, inputs, data, library versions
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional
 
+from optforge.cache_entry import EntryState
 from optforge.fingerprint import describe_device, sha256_json
 
 
@@ -22,15 +23,7 @@ class KindInfo:
     version: str
     hardware_bound: bool = False
     uses_torch: bool = True
-
-
-@dataclass(frozen=True)
-class EntryState:
-    """A cache entry as seen by the planner. status: ok | failed | missing | corrupted."""
-
-    status: str
-    reason: Optional[str] = None
-    metrics: dict = field(default_factory=dict)
+    tolerates_failed_inputs: bool = False  # runs on the inputs that succeeded (never enters the key)
 
 
 @dataclass
@@ -176,20 +169,41 @@ def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict]
             else:
                 reasons = change_reasons(node.name, record, old, (data_paths or {}).get(node.name))
         out.append(StagePlan(node.name, node.kind, key, status, reasons, record, state))
-    _mark_blocked(graph, out)
+    _mark_blocked(graph, out, kinds)
     return out
 
 
-def _mark_blocked(graph, plans: list[StagePlan]) -> None:
+def _mark_blocked(graph, plans: list[StagePlan], kinds: Mapping[str, KindInfo]) -> None:
     """A stale stage below a recorded failure cannot run: say so in the plan."""
     failed = {p.name for p in plans if p.entry.status == "failed" and p.status == "fresh"}
+    stale = [p.name for p in plans if p.status == "stale"]
+    blocked = skipped_below(graph, failed, stale, kinds)
     for p in plans:
-        if p.status != "stale":
+        if p.name in blocked:
+            p.reasons.append(f"{blocked[p.name]} (will be skipped)")
+
+
+def skipped_below(graph, failed: Iterable[str], candidates: Iterable[str],
+                  kinds: Mapping[str, KindInfo]) -> dict[str, str]:
+    """The one rule for "skip what depends on a failure", used by the plan, the executor and the report.
+
+    Of `candidates` (stage names in graph order), those with an input in `failed` (stages that failed or
+    were skipped) -> the reason, which names that input ("upstream distill failed"; the first such input
+    in input order). A skipped stage counts as failed for the candidates below it. A kind that
+    `tolerates_failed_inputs` is never skipped: it runs on the inputs that succeeded. `kinds` maps a
+    kind to anything with that attribute (a KindInfo or a StageKind).
+    """
+    failed = set(failed)
+    out: dict[str, str] = {}
+    for name in candidates:
+        node = graph[name]
+        if kinds[node.kind].tolerates_failed_inputs:
             continue
-        bad = [dep for dep in graph[p.name].inputs.values() if dep in failed]
-        if bad:
-            p.reasons.append(f"upstream {bad[0]} failed (will be skipped)")
-            failed.add(p.name)
+        bad = next((dep for dep in node.inputs.values() if dep in failed), None)
+        if bad is not None:
+            out[name] = f"upstream {bad} failed"
+            failed.add(name)
+    return out
 
 
 def select(graph, until: Optional[str]) -> set[str]:

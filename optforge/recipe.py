@@ -327,14 +327,19 @@ class OverridesSpec(Strict):
     cuda: Optional[DeviceOverrides] = None
 
 
-class MergedSectionErrors(RecipeError):
-    """An override that does not validate once merged: pydantic's error dicts (`details`), each `loc`
-    rewritten to the recipe key path of the value at fault. recipe_io words and locates them like any
-    schema error."""
+class RecipeCheckErrors(RecipeError):
+    """Every problem one of the recipe's own checks found (pydantic's checks raise ValidationError):
+    pydantic-style error dicts (`details`: type, loc, msg), each `loc` the recipe key path of the value
+    at fault. Behaves as the first; recipe_io words and locates each one like any schema error."""
 
     def __init__(self, details: list[dict]):
         super().__init__(details[0]["msg"], tuple(details[0]["loc"]))
         self.details = details
+
+
+class MergedSectionErrors(RecipeCheckErrors):
+    """An override that does not validate once merged: pydantic's error dicts, each `loc` rewritten to
+    the recipe key path of the value at fault."""
 
 
 class Recipe(Strict):
@@ -405,49 +410,71 @@ class Recipe(Strict):
 RESERVED_MODEL_NAMES = ("teacher", "student")
 
 
-def _unique(items, what: str, section: str) -> None:
+def _duplicates(items, what: str, section: str) -> list[tuple[tuple, str]]:
     seen: dict[str, int] = {}
+    out = []
     for i, item in enumerate(items):
         if item.name in seen:
-            raise RecipeError(f"duplicate {what} name {item.name!r} (first used at {section}[{seen[item.name]}])",
-                              (section, i, "name"))
-        seen[item.name] = i
+            out.append(((section, i, "name"),
+                        f"duplicate {what} name {item.name!r} (first used at {section}[{seen[item.name]}])"))
+        else:
+            seen[item.name] = i
+    return out
 
 
-def check_references(r: Recipe) -> None:
-    _unique(r.prune, "prune", "prune")
-    _unique(r.quantize, "quantize", "quantize")
-    _unique(r.configs, "config", "configs")
-    if r.distill is not None and r.student is None:
-        raise RecipeError("`distill` needs a `student` section to distill into", ("distill",))
-    for i, p in enumerate(r.prune):
-        if p.name in RESERVED_MODEL_NAMES:
-            raise RecipeError(f"prune name {p.name!r} is reserved; pick another", ("prune", i, "name"))
-    models = r.model_names()
+def _prune_cycles(r: Recipe, models: list[str]) -> list[tuple[tuple, str]]:
+    """A prune of a prune of ... must bottom out in teacher/student: name each cycle once, at its first
+    entry (an entry that only leads into a cycle is not at fault)."""
     prune_model = {p.name: p.model for p in r.prune}
+    named: set[frozenset] = set()
+    out = []
     for i, p in enumerate(r.prune):
         if p.model not in models:
-            raise RecipeError(_unknown("model", p.model, models), ("prune", i, "model"))
-        # a prune of a prune of ... must bottom out in teacher/student: name the cycle if it does not
+            continue  # an unknown model, said on its own
         chain, cur = [p.name], p.model
-        while cur in prune_model:
-            if cur in chain:
-                cycle = " -> ".join(chain[chain.index(cur):] + [cur])
-                raise RecipeError(f"prune entries form a cycle: {cycle}", ("prune", i, "model"))
+        while cur in prune_model and cur not in chain:
             chain.append(cur)
             cur = prune_model[cur]
+        if cur == p.name and frozenset(chain) not in named:
+            named.add(frozenset(chain))
+            out.append((("prune", i, "model"), f"prune entries form a cycle: {' -> '.join(chain + [cur])}"))
+    return out
+
+
+def _reference_problems(r: Recipe) -> list[tuple[tuple, str]]:
+    """(key path, message) for every name the recipe refers to that is missing, duplicated or reserved."""
+    out = _duplicates(r.prune, "prune", "prune") + _duplicates(r.quantize, "quantize", "quantize")
+    out += _duplicates(r.configs, "config", "configs")
+    if r.distill is not None and r.student is None:
+        out.append((("distill",), "`distill` needs a `student` section to distill into"))
+    for i, p in enumerate(r.prune):
+        if p.name in RESERVED_MODEL_NAMES:
+            out.append((("prune", i, "name"), f"prune name {p.name!r} is reserved; pick another"))
+    models = r.model_names()
+    for i, p in enumerate(r.prune):
+        if p.model not in models:
+            out.append((("prune", i, "model"), _unknown("model", p.model, models)))
+    out += _prune_cycles(r, models)
     qnames = [q.name for q in r.quantize]
     for i, c in enumerate(r.configs):
         if c.model not in models:
-            raise RecipeError(_unknown("model", c.model, models), ("configs", i, "model"))
+            out.append((("configs", i, "model"), _unknown("model", c.model, models)))
         if c.quantize is not None and c.quantize not in qnames:
-            raise RecipeError(_unknown("quantize entry", c.quantize, qnames), ("configs", i, "quantize"))
+            out.append((("configs", i, "quantize"), _unknown("quantize entry", c.quantize, qnames)))
     cnames = [c.name for c in r.configs]
     if r.baseline is not None and r.baseline not in cnames:
-        raise RecipeError(_unknown("config", r.baseline, cnames), ("baseline",))
+        out.append((("baseline",), _unknown("config", r.baseline, cnames)))
     sb = r.serve_benchmark
     if sb is not None and sb.config != "best" and sb.config not in cnames:
-        raise RecipeError(_unknown("config", sb.config, cnames + ["best"]), ("serve_benchmark", "config"))
+        out.append((("serve_benchmark", "config"), _unknown("config", sb.config, cnames + ["best"])))
+    return out
+
+
+def check_references(r: Recipe) -> None:
+    """Raises RecipeCheckErrors with every bad reference at once (like schema errors), not the first."""
+    problems = _reference_problems(r)
+    if problems:
+        raise RecipeCheckErrors([{"type": "value_error", "loc": path, "msg": msg} for path, msg in problems])
 
 
 def _merge(model: type[BaseModel], base: Optional[BaseModel], partial: dict, base_path: tuple,

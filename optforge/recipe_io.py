@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from optforge.errors import RecipeError
-from optforge.recipe import MergedSectionErrors, PartialOf, Recipe
+from optforge.recipe import PartialOf, Recipe, RecipeCheckErrors
 
 
 class RecipeErrors(RecipeError):
@@ -244,10 +244,10 @@ def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise validation_errors(e.errors(), root, display) from None
-    except MergedSectionErrors as e:  # a device override that does not validate once merged
+    except RecipeCheckErrors as e:  # references; a device override that does not validate once merged
         raise validation_errors(e.details, root, display) from None
     except RecipeError as e:
-        # check_references runs inside Recipe's model validator; pydantic lets non-ValueErrors through
+        # the device checks run inside Recipe's model validator; pydantic lets non-ValueErrors through
         # unchanged, so the key path survives and only the position is missing
         raise _relocate(e, root, display) from None
     return LoadedRecipe(recipe, path, display, root)

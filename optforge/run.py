@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from optforge.cache import Cache
 from optforge.errors import OptforgeError, StageFailure
 from optforge.lockfile import write_lock
-from optforge.plan import StagePlan, select
+from optforge.plan import StagePlan, select, skipped_below
 from optforge.session import Session, open_session, render, stage_results
 from optforge.stages.base import StageContext
 
@@ -121,6 +121,7 @@ class Executor:
         self.result = BuildResult()
         self.device_checked = False
         self.sealed: set[str] = set()  # keys sealed by this build (equal stages run once)
+        self.unusable: set[str] = set()  # stages that failed or were skipped in this build
 
     def run(self) -> BuildResult:
         r = self.result
@@ -130,12 +131,11 @@ class Executor:
             if r.crashed and not self.keep_going:
                 r.not_run.append(p.name)
                 continue
-            bad = [d for d in self.s.graph[p.name].inputs.values()
-                   if r.outcomes.get(d, {}).get("status") in ("failed", "skipped")]
-            if bad and not self.s.kinds[p.kind].tolerates_failed_inputs:
-                self._outcome(p, "skipped", reason=f"upstream {bad[0]} failed")
+            blocked = skipped_below(self.s.graph, self.unusable, [p.name], self.s.kinds)
+            if blocked:
+                self._outcome(p, "skipped", reason=blocked[p.name])
                 r.skipped.append(p.name)
-                self.echo(f"{'skipped':<8}{p.name} (upstream {bad[0]} failed)")
+                self.echo(f"{'skipped':<8}{p.name} ({blocked[p.name]})")
                 continue
             state = p.entry
             if p.key in self.sealed or (p.status == "stale" and p.name not in self.force
@@ -155,6 +155,8 @@ class Executor:
     def _outcome(self, p: StagePlan, status: str, metrics=None, reason=None) -> None:
         self.result.outcomes[p.name] = {"status": status, "metrics": metrics or {}, "reason": reason,
                                         "key": p.key}
+        if status in ("failed", "skipped"):
+            self.unusable.add(p.name)
 
     def _record(self, p: StagePlan, error: Optional[str] = None) -> None:
         """Lock file after every stage, so a killed build keeps its progress."""
@@ -188,8 +190,7 @@ class Executor:
     def _run(self, p: StagePlan) -> None:
         self._check_device()
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
-        usable = {role: dep for role, dep in node.inputs.items()
-                  if self.result.outcomes.get(dep, {}).get("status") not in ("failed", "skipped")}
+        usable = {role: dep for role, dep in node.inputs.items() if dep not in self.unusable}
         inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in usable.items()}
         input_metrics = {role: self.result.outcomes.get(dep, {}).get("metrics") or
                          (cache.manifest(self.keys[dep]) or {}).get("metrics", {})

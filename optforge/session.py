@@ -20,7 +20,7 @@ from optforge.fingerprint import (device_fingerprint, library_versions, read_jso
                                   sha256_json, write_json_atomic)
 from optforge.graph import Graph
 from optforge.lockfile import lock_path, read_lock
-from optforge.plan import KindInfo, StagePlan, plan_stages
+from optforge.plan import KindInfo, StagePlan, plan_stages, skipped_below
 from optforge.recipe import Recipe
 from optforge.recipe_io import load_and_check
 from optforge.stages.base import StageKind, get_kind
@@ -45,7 +45,8 @@ class Session:
     def plan(self, force=()) -> list[StagePlan]:
         for f in force:
             self.graph.require(f)
-        infos = {k: KindInfo(v.version, v.hardware_bound, v.uses_torch) for k, v in self.kinds.items()}
+        infos = {k: KindInfo(v.version, v.hardware_bound, v.uses_torch, v.tolerates_failed_inputs)
+                 for k, v in self.kinds.items()}
         params = {n: p.model_dump(mode="json") for n, p in self.params.items()}
         data_paths = {n.name: dict(n.data_files) for n in self.graph.nodes if n.data_files}
         return plan_stages(self.graph, infos, params, self.data_sha, self.versions, self.device_fp,
@@ -117,7 +118,6 @@ def stage_results(session: Session, plans: list[StagePlan], outcomes: dict | Non
     `outcomes` (from a build) override what the cache says."""
     outcomes = outcomes or {}
     results = {}
-    failed: set[str] = set()
     for p in plans:
         if p.name in outcomes:
             results[p.name] = outcomes[p.name]
@@ -126,14 +126,10 @@ def stage_results(session: Session, plans: list[StagePlan], outcomes: dict | Non
                                "reason": p.entry.reason, "key": p.key}
         else:
             results[p.name] = {"status": "missing", "metrics": {}, "reason": "not built", "key": p.key}
-        if results[p.name]["status"] in ("failed", "skipped"):
-            failed.add(p.name)
-        elif results[p.name]["status"] == "missing":
-            bad = [d for d in session.graph[p.name].inputs.values() if d in failed]
-            if bad and not session.kinds[p.kind].tolerates_failed_inputs:
-                results[p.name] = {"status": "skipped", "metrics": {}, "key": p.key,
-                                   "reason": f"upstream {bad[0]} failed"}
-                failed.add(p.name)
+    failed = [n for n, r in results.items() if r["status"] in ("failed", "skipped")]
+    missing = [n for n, r in results.items() if r["status"] == "missing"]
+    for name, reason in skipped_below(session.graph, failed, missing, session.kinds).items():
+        results[name] = {"status": "skipped", "metrics": {}, "key": results[name]["key"], "reason": reason}
     return results
 
 
@@ -165,13 +161,13 @@ def render(session: Session, results: dict, compare: Optional[Path] = None, only
            warn=print) -> list[Path]:
     """Call the report renderer. With `only_if_changed`, skip it when results, environment and the
     renderer itself are what they were at the last render and its files are still there."""
+    if session.recipe is None:  # a hand-built graph (engine tests): no recipe, so no report
+        return []
     out_dir = report_dir(session)
     memo_path = session.cache.root / "rendered" / f"{session.name}.json"
     digest = sha256_json({"results": results, "env": session.env(), "out": str(out_dir.absolute()),
                           "compare": str(compare) if compare else None, "renderer": _renderer_stamp(),
                           "recipe": str(session.recipe_path.absolute())})
-    if session.recipe is None:
-        return []
     if only_if_changed:
         memo = read_json(memo_path, {}) or {}
         files = memo.get("files")

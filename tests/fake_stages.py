@@ -1,7 +1,8 @@
 """Pure-Python stand-ins for every stage kind, for engine and CLI tests (no torch, milliseconds each).
 
-Each fake keeps the real kind's params model and hardware flags, so keys and plans behave exactly as
-with the real stages, and writes a real artifact: `artifact.txt` (its params and the digests of its
+Each fake is the real kind with only `run` swapped (version, params model, hardware and torch flags,
+tolerance of failed inputs all read from the real StageKind, so they cannot drift), so keys and plans
+behave exactly as with the real stages; it writes a real artifact: `artifact.txt` (its params and the digests of its
 inputs) plus `weights.bin`. Tests steer them through environment variables, which also reach a CLI
 run in a subprocess:
 
@@ -19,16 +20,11 @@ import json
 import os
 import time
 
+from dataclasses import replace
+
 from optforge.errors import StageFailure
-from optforge.recipe import (BenchmarkParams, CompileParams, DataSpec, DistillSpec, EvaluateParams,
-                             PruneParams, QuantizeParams, ServeBenchmarkParams, StudentSpec, TeacherSpec)
 from optforge.stages import base
 from optforge.stages.base import StageContext, StageKind
-
-MODELS = {"data": DataSpec, "teacher": TeacherSpec, "student": StudentSpec, "distill": DistillSpec,
-          "prune": PruneParams, "quantize": QuantizeParams, "compile": CompileParams,
-          "evaluate": EvaluateParams, "benchmark": BenchmarkParams, "serve_benchmark": ServeBenchmarkParams}
-HARDWARE_BOUND = {"compile", "evaluate", "benchmark", "serve_benchmark"}
 
 
 def _append(var: str, line: str) -> None:
@@ -64,12 +60,13 @@ def fake_run(ctx: StageContext) -> dict:
 
 
 def kind(name: str) -> StageKind:
-    return StageKind(kind=name, version="fake-1", params_model=MODELS[name], run=fake_run,
-                     hardware_bound=name in HARDWARE_BOUND, uses_torch=name != "data",
-                     tolerates_failed_inputs=name == "serve_benchmark")
+    """The real kind `name` with its `run` swapped for `fake_run`; nothing else is copied by hand.
+    (Importing a stage module is cheap: stage modules import torch inside `run` only.)"""
+    return replace(base.get_kind(name), run=fake_run)
 
 
-KINDS = {name: kind(name) for name in MODELS}
+# read from the registry at import, before `install` points it at the fakes
+KINDS = {name: kind(name) for name in base.known_kinds()}
 # `register` takes "module:ATTRIBUTE": expose each fake as a module attribute
 globals().update({f"KIND_{name}": k for name, k in KINDS.items()})
 
@@ -77,7 +74,7 @@ globals().update({f"KIND_{name}": k for name, k in KINDS.items()})
 def install() -> dict:
     """Point every real kind name at its fake; returns the previous registry (for `restore`)."""
     previous = dict(base._KINDS)
-    for name in MODELS:
+    for name in KINDS:
         base.register(name, f"{__name__}:KIND_{name}")
     return previous
 

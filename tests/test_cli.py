@@ -177,7 +177,7 @@ def test_report_rerenders_from_the_cache_without_running(toy, monkeypatch, optfo
         calls.append(kw)
         return [kw["out_dir"] / "report.md"]
 
-    monkeypatch.setattr(optforge.report, "render_reports", render_reports, raising=False)
+    monkeypatch.setattr(optforge.report, "render_reports", render_reports)
     runner = CliRunner()
     runner.invoke(main, ["build", str(toy), "--until", "teacher"])
     previous = optforge_env.root / "old.md"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from optforge.cache_entry import EntryState
 from optforge.graph import Graph, Node, toposort
-from optforge.plan import (EntryState, KindInfo, key_material, param_changes, plan_stages, select,
+from optforge.plan import (KindInfo, key_material, param_changes, plan_stages, select, skipped_below,
                            stage_key)
 
 KINDS = {"src": KindInfo("1", uses_torch=False), "train": KindInfo("1"), "bench": KindInfo("1", hardware_bound=True)}
@@ -152,9 +153,37 @@ def test_recorded_failure_is_fresh_and_blocks_dependents(world):
     world.entries[keys["distill"]] = EntryState("failed", "unsupported")
     v = world.verdicts()
     assert v["distill"] == ("fresh", ["previous run failed: unsupported (recorded; --force distill retries)"])
-    assert v["bench:a"][1][-1] == "upstream distill failed (will be skipped)"
+    assert v["bench:a"] == ("stale", ["upstream distill changed", "upstream distill failed (will be skipped)"])
     forced = {p.name: p for p in world.plan(force={"distill"})}["distill"]
     assert forced.reasons == ["forced", "previous run failed: unsupported"]
+
+
+def test_a_tolerant_kind_below_a_recorded_failure_is_not_marked_skipped(world):
+    world.params["distill"] = {"temperature": 3.0}
+    keys = {p.name: p.key for p in world.plan()}
+    world.entries[keys["distill"]] = EntryState("failed", "unsupported")
+    world.kinds["bench"] = KindInfo("1", hardware_bound=True, tolerates_failed_inputs=True)
+    plans = {p.name: p for p in world.plan()}
+    assert (plans["bench:a"].status, plans["bench:a"].reasons) == ("stale", ["upstream distill changed"])
+    assert plans["bench:a"].key == keys["bench:a"]  # tolerance is no part of the key
+
+
+def test_skipped_below_names_the_input_that_failed_and_spares_tolerant_kinds():
+    g = Graph(toposort([
+        Node("data", "src", {}),
+        Node("teacher", "train", {}, {"data": "data"}),
+        Node("distill", "train", {}, {"teacher": "teacher", "data": "data"}),
+        Node("bench:a", "bench", {}, {"model": "distill"}),
+        Node("serve", "serve", {}, {"row": "bench:a", "data": "data"}),
+    ]))
+    kinds = KINDS | {"serve": KindInfo("1", tolerates_failed_inputs=True)}
+    # a skipped stage blocks those below it, and the reason names the direct input
+    assert skipped_below(g, {"teacher"}, g.names(), kinds) == {"distill": "upstream teacher failed",
+                                                               "bench:a": "upstream distill failed"}
+    # only candidates are skipped, and only they pass a skip on
+    assert skipped_below(g, {"teacher"}, ["bench:a"], kinds) == {}
+    # the first failed input in input order is the one named
+    assert skipped_below(g, {"data", "teacher"}, ["distill"], kinds) == {"distill": "upstream teacher failed"}
 
 
 def test_crash_recorded_in_lock_is_reported(world):

