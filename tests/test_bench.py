@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from optforge import bench, hardware
+from optforge import bench, device, hardware
 
 MS_1_TO_100 = [float(i) for i in range(1, 101)]
 
@@ -126,7 +126,7 @@ flags\t\t: fpu fma avx2 avx512f avx512_bf16 avx512_vnni
 
 
 def test_cpu_peak_from_cpuinfo():
-    info = hardware.parse_cpuinfo(CPUINFO) | {"kind": "cpu"}
+    info = device.parse_cpuinfo(CPUINFO) | {"kind": "cpu"}
     assert info["name"] == "Test CPU" and info["cores"] == 2 and info["logical_cpus"] == 3 and info["mhz"] == 2500
     # 2 cores x 2.5 GHz x (2 FMA units x 16 lanes x 2 flop)
     assert hardware.peak(info, "fp32")["peak_flops"] == pytest.approx(2 * 2.5e9 * 64)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from optforge import bench, hardware
+from optforge.device import cpu_info, nvidia_driver
 from optforge.errors import KERNEL_ERRORS, DataError, StageFailure, one_line
 from optforge.recipe import BenchmarkParams
 from optforge.stages.base import StageContext, StageKind
@@ -128,7 +129,9 @@ def _sync_fn(device) -> Callable[[], None]:
     return lambda: None
 
 
-def describe_device(device) -> dict:
+def benchmark_device_info(device) -> dict:
+    """The `device` object of the benchmark metrics: torch's view of the CUDA device (name, capability,
+    memory) with the driver, or this CPU's record (`device.cpu_info()`, whose flags decide its peak)."""
     import torch
 
     if str(device).startswith("cuda"):
@@ -136,19 +139,8 @@ def describe_device(device) -> dict:
         props = torch.cuda.get_device_properties(idx)
         return {"kind": "cuda", "name": torch.cuda.get_device_name(idx),
                 "capability": f"{props.major}.{props.minor}", "memory_gb": round(props.total_memory / 2**30, 1),
-                "driver": _nvidia_driver(), "cuda": torch.version.cuda}
-    return hardware.cpu_info()
-
-
-def _nvidia_driver() -> Optional[str]:
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.count(".") >= 1 and word.replace(".", "").isdigit():
-            return word
-    return None
+                "driver": nvidia_driver(), "cuda": torch.version.cuda}
+    return cpu_info()
 
 
 class _PeakMemory:
@@ -226,7 +218,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
 
     device = runnable.device
     sync = _sync_fn(device)
-    dev = describe_device(device)
+    dev = benchmark_device_info(device)
     threads = torch.get_num_threads()
     cprec = compute_precision or params.precision
     pk = hardware.peak(dev, cprec, threads if dev["kind"] == "cpu" else None)
