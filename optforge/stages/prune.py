@@ -45,7 +45,7 @@ FFN_ALIGN = 16
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from optforge import modeling, training
+    from optforge import modeling, tokens, training
     from optforge.runtime import flops_per_token
     from optforge.stages.data import Splits
 
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
     training.configure_threads()
     pad_id = tokenizer.pad_token_id or 0
     seq = data.max_length
-    eval_ids = training.tokenize(tokenizer, data.eval_texts, data.max_length)
+    eval_ids = tokens.tokenize(tokenizer, data.eval_texts, data.max_length)
 
     before = param_stats(model)
     metrics: dict = {"method": params.method, "params_before": before["params"],
@@ -157,12 +157,12 @@ def sparsity_stats(linears: list) -> dict:
 
 def calibration_set(tokenizer, data, n: int, seed: int) -> tuple[list[list[int]], list[int]]:
     """(token ids, labels) of `n` train examples drawn with a fixed seed."""
-    from optforge import training
+    from optforge import tokens
 
     idx = list(range(len(data.train_texts)))
     random.Random(seed).shuffle(idx)
     idx = sorted(idx[:n])
-    ids = training.tokenize(tokenizer, [data.train_texts[i] for i in idx], data.max_length)
+    ids = tokens.tokenize(tokenizer, [data.train_texts[i] for i in idx], data.max_length)
     return ids, [data.train_labels[i] for i in idx]
 
 
@@ -172,7 +172,9 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
     import torch
     import torch.nn.functional as F
 
-    from optforge import modeling, training
+    from optforge import modeling
+    from optforge.batching import sorted_batches
+    from optforge.tokens import pad_batch
 
     ids, labels = calib
     layers = modeling.encoder_layers(model.encoder)
@@ -209,8 +211,8 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
     labels_t = torch.tensor(labels, dtype=torch.long)
     try:
         with torch.enable_grad():
-            for batch in training.sorted_batches([len(s) for s in ids], CALIBRATION_BATCH):
-                input_ids, mask = training.pad_batch([ids[j] for j in batch], pad_id)
+            for batch in sorted_batches([len(s) for s in ids], CALIBRATION_BATCH):
+                input_ids, mask = pad_batch([ids[j] for j in batch], pad_id)
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 current_mask["mask"] = mask
                 tokens += int(mask.sum())
