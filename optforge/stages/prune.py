@@ -20,9 +20,10 @@ Importance, measured on a calibration set (`CALIBRATION` train sentences, fixed 
     gradient (BERT in eval mode treats examples independently), as in the paper (per example, not per batch).
   - FFN channel j of layer l:  I_j = mean over real (non-pad) tokens |GELU(x W_in + b)_j| * ||W_out[:, j]||_2
     (the expected magnitude of what channel j writes into the residual stream).
-Counts: a layer of H heads loses round(heads * H) of them, keeping at least one. A layer of I channels
-keeps I - round(ffn * I) channels, rounded to a multiple of 16 when I is one (packed int8/int4 CPU
-kernels want N % 16 == 0), keeping at least 16; the metrics report the real fractions removed.
+Counts (optforge/prune_counts.py, pure): a layer of H heads loses round(heads * H) of them, keeping at
+least one. A layer of I channels keeps I - round(ffn * I) channels, rounded to a multiple of 16 when I is
+one (packed int8/int4 CPU kernels want N % 16 == 0), keeping at least 16; the metrics report the real
+fractions removed.
 
 A structurally pruned model has a different width per layer. `modeling.load_classifier` rebuilds each
 Linear from the shapes in model.safetensors; head.json additionally records, under "pruned_layers", one
@@ -34,12 +35,12 @@ from __future__ import annotations
 import json
 import random
 
+from optforge.prune_counts import channels_to_keep, heads_to_remove, removed_fractions
 from optforge.recipe import PruneParams
 from optforge.stages.base import StageContext, StageKind
 
 CALIBRATION = 256  # train sentences used to score heads and channels
 CALIBRATION_BATCH = 32
-FFN_ALIGN = 16
 
 
 def run(ctx: StageContext) -> dict:
@@ -234,17 +235,6 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
 # --------------------------------------------------------------------------- structured: shrinking
 
 
-def heads_to_remove(n_heads: int, fraction: float) -> int:
-    return min(round(fraction * n_heads), n_heads - 1)
-
-
-def channels_to_keep(n: int, fraction: float, align: int = FFN_ALIGN) -> int:
-    keep = n - round(fraction * n)
-    if n % align == 0 and n >= align:
-        keep = max(align, min(n, align * round(keep / align)))
-    return max(1, keep)
-
-
 def structured_plan(model, head_imp: list, ffn_imp: list, heads: float, ffn: float) -> list[dict]:
     """Per layer: the original head indices and FFN channel indices to keep (ascending), by importance."""
     import torch
@@ -292,16 +282,6 @@ def shrink(model, plan: list[dict]) -> list[dict]:
         out.append({"heads": len(p["kept_heads"]), "head_size": d,
                     "intermediate": len(p["kept_channels"]), "kept_heads": list(p["kept_heads"])})
     return out
-
-
-def removed_fractions(pruned_layers: list[dict], before_shapes: list[dict]) -> dict:
-    heads_before = sum(p["heads_before"] for p in before_shapes)
-    ch_before = sum(p["intermediate_before"] for p in before_shapes)
-    return {"heads_before": heads_before, "heads_after": sum(p["heads"] for p in pruned_layers),
-            "heads_removed_fraction": 1 - sum(p["heads"] for p in pruned_layers) / heads_before,
-            "ffn_before": ch_before, "ffn_after": sum(p["intermediate"] for p in pruned_layers),
-            "ffn_removed_fraction": 1 - sum(p["intermediate"] for p in pruned_layers) / ch_before,
-            "pruned_layers": [{k: v for k, v in p.items() if k != "kept_heads"} for p in pruned_layers]}
 
 
 # --------------------------------------------------------------------------- recovery
