@@ -313,11 +313,10 @@ def _timed(fn, b: int, params: BenchmarkParams, sync, flops, peak_flops) -> tupl
     gc.collect()
     gc.disable()
     try:
-        times, warmup_s = bench.measure(fn, warmup=params.warmup, min_runs=params.min_runs,
-                                        max_seconds=params.max_seconds, sync=sync)
+        times, warmup_s = bench.measure(fn, warmup=params.warmup, max_seconds=params.max_seconds, sync=sync)
     finally:
         gc.enable()
-    stats = bench.summarize(times, b)
+    stats = bench.summarize(times, b, min_runs=params.min_runs)
     stats["pct_peak"] = bench.pct_of_peak(flops, stats["p50"] / 1000.0, peak_flops)
     return stats, warmup_s
 
