@@ -7,28 +7,16 @@ import pytest
 
 from optforge import device
 
-CPUINFO = """processor\t: 0
-vendor_id\t: GenuineIntel
-model name\t: Test CPU
-cpu MHz\t\t: 2000.000
-physical id\t: 0
-core id\t\t: 0
-flags\t\t: fpu sse avx512f fma avx2 avx512_vnni amx_tile avx512_bf16 avx512bw amx_bf16
+FLAGS = "fpu sse avx512f fma avx2 avx512_vnni amx_tile avx512_bf16 avx512bw amx_bf16"
 
-processor\t: 1
-model name\t: Test CPU
-cpu MHz\t\t: 2500.000
-physical id\t: 0
-core id\t\t: 1
-flags\t\t: fpu sse avx512f fma avx2 avx512_vnni amx_tile avx512_bf16 avx512bw amx_bf16
 
-processor\t: 2
-model name\t: Test CPU
-cpu MHz\t\t: 2500.000
-physical id\t: 0
-core id\t\t: 1
-flags\t\t: fpu sse avx512f fma avx2 avx512_vnni amx_tile avx512_bf16 avx512bw amx_bf16
-"""
+def _processor(n: int, mhz: str, core: int) -> str:
+    return (f"processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU\ncpu MHz\t\t: {mhz}\n"
+            f"physical id\t: 0\ncore id\t\t: {core}\nflags\t\t: {FLAGS}\n")
+
+
+# three logical CPUs on two physical cores (1 and 2 are hyperthreads of core 1)
+CPUINFO = "\n".join([_processor(0, "2000.000", 0), _processor(1, "2500.000", 1), _processor(2, "2500.000", 1)])
 
 # an ARM /proc/cpuinfo: no "model name", no "flags" (it says "Features")
 CPUINFO_ARM = """processor\t: 0
