@@ -24,23 +24,22 @@ from typing import Optional
 
 T = 1e12
 
+# H100 and H200 are the same GH100 compute die (H200 has more and faster memory): the same dense peaks
+# per form factor, SXM and NVL.
+_GH100_SXM = {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
+              "int8": 1978.9 * T}
+_GH100_NVL = {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
+              "int8": 1670.5 * T}
+
 # (name substrings, any of which identifies the part; lower-case) -> precision -> dense FLOP/s.
 # Order matters: more specific names first ("h100 pcie" before "h100").
 GPU_PEAKS: list[tuple[tuple[str, ...], str, dict[str, float]]] = [
-    (("h200 nvl",), "NVIDIA H200 NVL",
-     {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
-      "int8": 1670.5 * T}),
-    (("h200",), "NVIDIA H200 (SXM)",
-     {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
-      "int8": 1978.9 * T}),
+    (("h200 nvl",), "NVIDIA H200 NVL", _GH100_NVL),
+    (("h200",), "NVIDIA H200 (SXM)", _GH100_SXM),
     (("h100 pcie",), "NVIDIA H100 PCIe",
      {"fp32": 51.2 * T, "tf32": 378 * T, "bf16": 756 * T, "fp16": 756 * T, "fp8": 1513 * T, "int8": 1513 * T}),
-    (("h100 nvl",), "NVIDIA H100 NVL",
-     {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
-      "int8": 1670.5 * T}),
-    (("h100",), "NVIDIA H100 SXM",
-     {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
-      "int8": 1978.9 * T}),
+    (("h100 nvl",), "NVIDIA H100 NVL", _GH100_NVL),
+    (("h100",), "NVIDIA H100 SXM", _GH100_SXM),
     (("a100",), "NVIDIA A100",
      {"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T, "int8": 624 * T}),
     (("l4",), "NVIDIA L4",
