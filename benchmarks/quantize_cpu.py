@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from optforge import modeling
     from optforge.errors import StageFailure
     from optforge.stages import quantize
-    from optforge.training import pad_batch
+    from optforge.tokens import pad_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,7 +12,9 @@ Conventions (documented in docs/results-schema.md, asserted in tests/test_bench.
 - throughput = batch_size / p50 (samples per second at the median call). The median, not the mean,
   so one call stalled by a neighbour on a shared machine does not move it; `throughput_mean`
   (batch_size / mean = total samples over total timed seconds) is recorded next to it;
-- speedup = baseline time / this time (> 1 means faster than the baseline).
+- speedup = baseline time / this time (> 1 means faster than the baseline);
+- `max_seconds` boxes one (batch size, scope) measurement, warm-up included (`measure`); a row stopped
+  short of `min_runs` timed calls says `"capped": true` next to its `runs` (`summarize`).
 """
 
 from __future__ import annotations
@@ -83,13 +85,14 @@ def pct_of_peak(flops: Optional[float], seconds: float, peak_flops: Optional[flo
     return 100.0 * flops / seconds / peak_flops
 
 
-def summarize(times_s: Sequence[float], batch_size: int) -> dict:
+def summarize(times_s: Sequence[float], batch_size: int, min_runs: Optional[int] = None) -> dict:
     """The STATS block of the benchmark metrics (docs/ARCHITECTURE.md) from per-call times in seconds.
-    Latencies are reported in milliseconds. `pct_peak` is filled in by the caller (it needs FLOPs)."""
+    Latencies are reported in milliseconds. `pct_peak` is filled in by the caller (it needs FLOPs).
+    With `min_runs`, `capped` says whether the time box stopped the measurement short of it."""
     ms = [t * 1000.0 for t in times_s]
     m = mean(ms)
     p50 = percentile(ms, 50)
-    return {
+    stats = {
         "p25": percentile(ms, 25),
         "p50": p50,
         "p75": percentile(ms, 75),
@@ -106,29 +109,37 @@ def summarize(times_s: Sequence[float], batch_size: int) -> dict:
         "runs": len(ms),
         "pct_peak": None,
     }
+    if min_runs is not None:
+        stats["capped"] = len(ms) < min_runs
+    return stats
 
 
-def measure(fn: Callable[[], object], *, warmup: int, min_runs: int, max_seconds: float,
+def measure(fn: Callable[[], object], *, warmup: int, max_seconds: float,
             sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter,
             max_runs: int = 100_000) -> tuple[list[float], float]:
-    """Call `fn` `warmup` times untimed, then time it: at least `min_runs` calls, and more until
-    `max_seconds` of timed calls have elapsed (capped at `max_runs`). `sync` (e.g.
-    torch.cuda.synchronize) runs before starting and before stopping the clock of every call, so
-    asynchronous device work is inside the measurement. Returns (per-call seconds, warm-up seconds)."""
+    """Time `fn` inside a box of `max_seconds`, warm-up included. Returns (per-call seconds, warm-up seconds).
+
+    Warm-up: up to `warmup` untimed calls, stopping early once half the box is used. Then timed calls
+    until the box is spent (capped at `max_runs`). A call is started only while time is left, so the
+    whole measurement takes at most `max_seconds` plus one call -- except that at least one warm-up call
+    (when `warmup` > 0) and one timed call always run: a 7.5 s call in a 2 s box costs 15 s, not
+    (warmup + min_runs) x 7.5 s. The runs a trustworthy row wants (`min_runs`) never extend the box:
+    `summarize(times, batch_size, min_runs)` flags a row that got fewer as `capped`.
+    `sync` (e.g. torch.cuda.synchronize) runs after every warm-up call and before starting and before
+    stopping the clock of every timed call, so asynchronous device work is inside the measurement."""
     sync = sync or (lambda: None)
     t0 = clock()
-    for _ in range(warmup):
+    for i in range(warmup):
+        if i and clock() - t0 >= max_seconds / 2:
+            break
         fn()
-    sync()
+        sync()
     warmup_s = clock() - t0
     times: list[float] = []
-    spent = 0.0
-    while len(times) < max_runs and (len(times) < min_runs or spent < max_seconds):
+    while len(times) < max_runs and (not times or clock() - t0 < max_seconds):
         sync()
         start = clock()
         fn()
         sync()
-        elapsed = clock() - start
-        times.append(elapsed)
-        spent += elapsed
+        times.append(clock() - start)
     return times, warmup_s

@@ -10,14 +10,14 @@ computes each distinct artifact once however many rows use it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
 from optforge.errors import OptforgeError
+from optforge.datasets import data_root, resolve_dataset_dir  # noqa: F401 - data_root: recipe_io's messages
 from optforge.recipe import Recipe, model_stage_name
-from optforge.stages.base import row_steps
+from optforge.stages.registry import row_steps
 
 
 @dataclass(frozen=True)
@@ -69,21 +69,6 @@ class Graph:
             if any(i in out for i in n.inputs.values()):
                 out.add(n.name)
         return out
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("OPTFORGE_DATA_ROOT", "data"))
-
-
-def resolve_dataset_dir(dataset: str, recipe_dir: Path | None = None) -> Path:
-    """Where a dataset folder lives: a path as written if it exists (relative to the recipe's folder
-    first), else a folder under the data root."""
-    p = Path(dataset).expanduser()
-    candidates = [p] if p.is_absolute() else [(recipe_dir or Path(".")) / p, Path(p), data_root() / p]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return data_root() / p
 
 
 def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:

@@ -6,43 +6,40 @@ bounds nobody reaches: on an H100 SXM a large bf16 matmul (8192^3) measures abou
 across machines; the report says so. "fp32" on a GPU means the non-tensor-core FP32 peak (PyTorch
 does not use TF32 for matmuls unless asked to).
 
-The CPU peak is computed from /proc/cpuinfo, assuming two FMA units per core (true for the
-Intel server cores and AMD Zen 5 parts with AVX-512 we meet; Zen 4 runs 512-bit FMAs at half rate,
-so this is an upper bound there):
+The CPU peak is computed from the benchmark's CPU record (`device.cpu_info()`: /proc/cpuinfo's cores,
+MHz and flags), assuming two FMA units per core (true for the Intel server cores and AMD Zen 5 parts
+with AVX-512 we meet; Zen 4 runs 512-bit FMAs at half rate, so this is an upper bound there):
 
     fp32 peak = cores x GHz x 2 FMA units x lanes (16 with AVX-512, 8 with AVX2) x 2 flop/FMA
     bf16 peak = AMX: 1024 flop/cycle/core; AVX512_BF16 (VDPBF16PS): 2 x fp32; else None
     int8 peak = AMX: 2048 op/cycle/core; AVX512_VNNI: 4 x fp32; else None
     fp16 peak = AVX512_FP16: 2 x fp32; else None
 
-Unknown device or precision -> None (the report shows "n/a", never a guess).
+Unknown device or precision -> None (the report shows "n/a", never a guess). Pure: no I/O.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional
 
 T = 1e12
 
+# H100 and H200 are the same GH100 compute die (H200 has more and faster memory): the same dense peaks
+# per form factor, SXM and NVL.
+_GH100_SXM = {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
+              "int8": 1978.9 * T}
+_GH100_NVL = {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
+              "int8": 1670.5 * T}
+
 # (name substrings, any of which identifies the part; lower-case) -> precision -> dense FLOP/s.
 # Order matters: more specific names first ("h100 pcie" before "h100").
 GPU_PEAKS: list[tuple[tuple[str, ...], str, dict[str, float]]] = [
-    (("h200 nvl",), "NVIDIA H200 NVL",
-     {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
-      "int8": 1670.5 * T}),
-    (("h200",), "NVIDIA H200 (SXM)",
-     {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
-      "int8": 1978.9 * T}),
+    (("h200 nvl",), "NVIDIA H200 NVL", _GH100_NVL),
+    (("h200",), "NVIDIA H200 (SXM)", _GH100_SXM),
     (("h100 pcie",), "NVIDIA H100 PCIe",
      {"fp32": 51.2 * T, "tf32": 378 * T, "bf16": 756 * T, "fp16": 756 * T, "fp8": 1513 * T, "int8": 1513 * T}),
-    (("h100 nvl",), "NVIDIA H100 NVL",
-     {"fp32": 60 * T, "tf32": 417.5 * T, "bf16": 835 * T, "fp16": 835 * T, "fp8": 1670.5 * T,
-      "int8": 1670.5 * T}),
-    (("h100",), "NVIDIA H100 SXM",
-     {"fp32": 67 * T, "tf32": 494.7 * T, "bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T,
-      "int8": 1978.9 * T}),
+    (("h100 nvl",), "NVIDIA H100 NVL", _GH100_NVL),
+    (("h100",), "NVIDIA H100 SXM", _GH100_SXM),
     (("a100",), "NVIDIA A100",
      {"fp32": 19.5 * T, "tf32": 156 * T, "bf16": 312 * T, "fp16": 312 * T, "int8": 624 * T}),
     (("l4",), "NVIDIA L4",
@@ -70,48 +67,6 @@ def gpu_peak(name: str, precision: str) -> Optional[dict]:
 
 
 # --------------------------------------------------------------------------- CPU
-
-
-def parse_cpuinfo(text: str) -> dict:
-    """Model name, physical cores, logical CPUs, max MHz and the ISA flags we care about."""
-    blocks = [b for b in text.strip().split("\n\n") if b.strip()]
-    name, mhz, flags = None, 0.0, set()
-    cores: set[tuple[str, str]] = set()
-    for b in blocks:
-        fields = {}
-        for line in b.splitlines():
-            if ":" in line:
-                k, v = line.split(":", 1)
-                fields[k.strip()] = v.strip()
-        name = name or fields.get("model name")
-        try:
-            mhz = max(mhz, float(fields.get("cpu MHz", 0) or 0))
-        except ValueError:
-            pass
-        if "flags" in fields and not flags:
-            flags = set(fields["flags"].split())
-        if "core id" in fields:
-            cores.add((fields.get("physical id", "0"), fields["core id"]))
-    logical = sum(1 for b in blocks if "processor" in b)
-    keep = ["fma", "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
-            "amx_int8", "amx_tile"]
-    return {
-        "name": name,
-        "cores": len(cores) or logical or None,
-        "logical_cpus": logical or None,
-        "mhz": mhz or None,
-        "flags": [f for f in keep if f in flags],
-    }
-
-
-def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
-    try:
-        info = parse_cpuinfo(Path(cpuinfo_path).read_text())
-    except OSError:
-        info = {"name": None, "cores": os.cpu_count(), "logical_cpus": os.cpu_count(), "mhz": None,
-                "flags": []}
-    info["kind"] = "cpu"
-    return info
 
 
 def cpu_peak(info: dict, precision: str, threads: Optional[int] = None) -> Optional[dict]:
@@ -150,6 +105,3 @@ def peak(device: dict, precision: str, threads: Optional[int] = None) -> Optiona
         return cpu_peak(device, precision, threads)
     return None
 
-
-def has_amx(device: dict) -> bool:
-    return "amx_bf16" in (device.get("flags") or [])

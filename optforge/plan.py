@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional
 
 from optforge.cache_entry import EntryState
-from optforge.fingerprint import describe_device, sha256_json
+from optforge.device import fingerprint_summary
+from optforge.fingerprint import sha256_json
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def change_reasons(name: str, new: dict, old: Optional[dict], data_paths: Mappin
         if "versions" in old and was != version:
             reasons.append(f"{lib} {was} -> {version}")
     if "device" in new and "device" in old and old["device"] != new["device"]:
-        reasons.append(f"device changed: {describe_device(old['device'])} -> {describe_device(new['device'])}")
+        reasons.append(f"device changed: {fingerprint_summary(old['device'])} -> {fingerprint_summary(new['device'])}")
     return reasons or ["key changed"]  # e.g. a lock file written by an older optforge
 
 

@@ -15,15 +15,16 @@ from pydantic import BaseModel, ValidationError
 
 from optforge import __version__
 from optforge.cache import Cache
+from optforge.device import device_fingerprint, resolve_device
 from optforge.errors import DataError, OptforgeError
-from optforge.fingerprint import (device_fingerprint, library_versions, read_json, resolve_device,
-                                  sha256_json, write_json_atomic)
+from optforge.fingerprint import library_versions, read_json, sha256_json, write_json_atomic
 from optforge.graph import Graph
 from optforge.lockfile import lock_path, read_lock
 from optforge.plan import KindInfo, StagePlan, plan_stages, skipped_below
 from optforge.recipe import Recipe
 from optforge.recipe_io import load_and_check
-from optforge.stages.base import StageKind, get_kind
+from optforge.stages.base import StageKind
+from optforge.stages.registry import get_kind
 
 
 @dataclass

@@ -2,26 +2,27 @@
 
 Reads top to bottom: tokenize once -> length-bucketed batches padded to each batch's longest ->
 AdamW with linear warmup/decay -> (cross-entropy | distillation) loss -> evaluate.
-SST-2 sentences average ~13 tokens: padding every batch to max_length would waste most of the compute,
-so batches group sentences of similar length (`length_bucketed_batches`).
+Which examples share a batch is `optforge.batching`; texts -> ids -> padded tensors is `optforge.tokens`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import random
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --------------------------------------------------------------------------- batching
+from optforge.batching import length_bucketed_batches, sorted_batches
+from optforge.metrics import classification_metrics
+from optforge.tokens import pad_batch, tokenize
+
+# --------------------------------------------------------------------------- threads & seeds
 
 
 def configure_threads() -> int:
@@ -44,66 +45,6 @@ def configure_threads() -> int:
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    return batch_encoder(tokenizer, max_length)(texts)
-
-
-def batch_encoder(tokenizer, max_length: int) -> Callable[[Sequence[str]], list[list[int]]]:
-    """texts -> token ids truncated at `max_length`: exactly `tokenizer(texts, truncation=True,
-    max_length=max_length)["input_ids"]`, faster. For a Hugging Face fast tokenizer it calls the Rust
-    backend's `encode_batch` on a copy configured once, skipping the per-call reconfiguration and the
-    BatchEncoding conversion (measured: 5.1 ms instead of 8.6 ms for 256 SST-2 sentences, 2 cores)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None:
-        from tokenizers import Tokenizer
-
-        own = Tokenizer.from_str(backend.to_str())
-        own.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
-        own.no_padding()
-        return lambda texts: [e.ids for e in own.encode_batch(list(texts))]
-    return lambda texts: tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-
-
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
-                            chunk_batches: int = 50) -> list[list[int]]:
-    """Index batches whose members have similar lengths, in random order.
-
-    Shuffle all indices, cut them into chunks of `chunk_batches` batches, sort each chunk by length and
-    slice it into batches, then shuffle the batch order. Randomness stays (chunks are random), padding
-    mostly goes (a batch spans a narrow length range)."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    chunk = batch_size * chunk_batches
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
-        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Deterministic length-sorted batches for inference (least padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, pad_to: Optional[int] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) [B, T] with T = the longest sequence, or `pad_to` (>= the longest).
-
-    Vectorised through numpy: one boolean scatter instead of a Python list per row (measured: 0.12 ms
-    instead of 1.7 ms for 256 SST-2 sentences, which matters when a GPU forward takes ~1 ms)."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    width = int(lengths.max()) if len(seqs) else 0
-    if pad_to is not None:
-        width = max(width, pad_to)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    ids[mask] = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
-    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 # --------------------------------------------------------------------------- losses & optimizer
@@ -289,22 +230,6 @@ def predict_logits(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
             for row, i in zip(logits, batch):
                 out[i] = row
     return torch.stack(out) if out else torch.zeros(0)
-
-
-def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> dict:
-    """{"accuracy" (0-1), "macro_f1", "n"}. Macro-F1 averages per-class F1 over the classes that occur in
-    the labels or the predictions (a class that is neither has no defined F1)."""
-    n = len(labels)
-    correct = sum(int(p == y) for p, y in zip(predictions, labels))
-    f1s = []
-    for c in range(num_labels):
-        tp = sum(1 for p, y in zip(predictions, labels) if p == c and y == c)
-        fp = sum(1 for p, y in zip(predictions, labels) if p == c and y != c)
-        fn = sum(1 for p, y in zip(predictions, labels) if p != c and y == c)
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": correct / n if n else 0.0, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0, "n": n}
 
 
 def evaluate_model(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int, device: str,

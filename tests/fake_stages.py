@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 
 from optforge.errors import StageFailure
-from optforge.stages import base
+from optforge.stages import registry
 from optforge.stages.base import StageContext, StageKind
 
 
@@ -62,26 +62,26 @@ def fake_run(ctx: StageContext) -> dict:
 def kind(name: str) -> StageKind:
     """The real kind `name` with its `run` swapped for `fake_run`; nothing else is copied by hand.
     (Importing a stage module is cheap: stage modules import torch inside `run` only.)"""
-    return replace(base.get_kind(name), run=fake_run)
+    return replace(registry.get_kind(name), run=fake_run)
 
 
 # read from the registry at import, before `install` points it at the fakes
-KINDS = {name: kind(name) for name in base.known_kinds()}
+KINDS = {name: kind(name) for name in registry.known_kinds()}
 # `register` takes "module:ATTRIBUTE": expose each fake as a module attribute
 globals().update({f"KIND_{name}": k for name, k in KINDS.items()})
 
 
 def install() -> dict:
     """Point every real kind name at its fake; returns the previous registry (for `restore`)."""
-    previous = dict(base._KINDS)
+    previous = dict(registry._KINDS)
     for name in KINDS:
-        base.register(name, f"{__name__}:KIND_{name}")
+        registry.register(name, f"{__name__}:KIND_{name}")
     return previous
 
 
 def restore(previous: dict) -> None:
-    base._KINDS.clear()
-    base._KINDS.update(previous)
+    registry._KINDS.clear()
+    registry._KINDS.update(previous)
 
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from optforge import bench, hardware
+from optforge import bench, device, hardware
 
 MS_1_TO_100 = [float(i) for i in range(1, 101)]
 
@@ -89,17 +89,54 @@ class FakeClock:
         self.t += self.step
 
 
-def test_measure_runs_at_least_min_runs_then_until_the_time_box():
-    clock = FakeClock(0.01)
+def test_measure_fills_the_time_box_warm_up_included():
+    clock = FakeClock(1 / 64)  # exact in binary: no rounding at the box's edge
     syncs = []
-    times, warm = bench.measure(clock.tick, warmup=3, min_runs=5, max_seconds=0.2, sync=lambda: syncs.append(1),
-                                clock=clock)
-    assert warm == pytest.approx(0.03)
-    assert len(times) == 20 and all(t == pytest.approx(0.01) for t in times)  # 20 x 10 ms = the 0.2 s box
-    assert len(syncs) == 1 + 2 * 20  # after warm-up, then around every timed call
-    clock = FakeClock(1.0)
-    times, _ = bench.measure(clock.tick, warmup=0, min_runs=5, max_seconds=0.2, clock=clock)
-    assert len(times) == 5  # min_runs wins over the time box
+    times, warm = bench.measure(clock.tick, warmup=4, max_seconds=0.5, sync=lambda: syncs.append(1), clock=clock)
+    assert warm == 4 / 64
+    assert len(times) == 28 and all(t == 1 / 64 for t in times)  # 4 + 28 calls of 1/64 s = the 0.5 s box
+    assert clock.t == 0.5
+    assert len(syncs) == 4 + 2 * 28  # after every warm-up call, then around every timed call
+    stats = bench.summarize(times, 1, min_runs=20)
+    assert stats["runs"] == 28 and stats["capped"] is False
+
+
+def test_a_slow_call_stops_at_the_box_and_is_flagged():
+    """The CPU int4 row: 7.5 s a call, a 2 s box, 5 warm-ups and 20 runs asked for. One warm-up call and
+    one timed call (15 s), not 25 calls (187 s)."""
+    clock = FakeClock(7.5)
+    times, warm = bench.measure(clock.tick, warmup=5, max_seconds=2.0, clock=clock)
+    assert warm == 7.5 and times == [7.5] and clock.t == 15.0
+    stats = bench.summarize(times, 1, min_runs=20)
+    assert stats["runs"] == 1 and stats["capped"] is True
+
+
+def test_warm_up_stops_at_half_the_box_so_timed_calls_get_the_rest():
+    clock = FakeClock(0.5)
+    times, warm = bench.measure(clock.tick, warmup=5, max_seconds=2.0, clock=clock)
+    assert warm == 1.0 and len(times) == 2 and clock.t == 2.0
+
+
+def test_the_box_always_gets_one_timed_call_and_stops_at_max_runs():
+    clock = FakeClock(3.0)
+    times, warm = bench.measure(clock.tick, warmup=0, max_seconds=1.0, clock=clock)
+    assert warm == 0.0 and times == [3.0]
+    clock = FakeClock(1 / 64)
+    times, _ = bench.measure(clock.tick, warmup=0, max_seconds=10.0, clock=clock, max_runs=7)
+    assert len(times) == 7
+
+
+def test_capped_is_only_said_when_min_runs_is_known():
+    assert "capped" not in bench.summarize([0.001, 0.002], 1)
+    assert bench.summarize([0.001, 0.002], 1, min_runs=2)["capped"] is False
+    assert bench.summarize([0.001, 0.002], 1, min_runs=3)["capped"] is True
+
+
+def test_measure_on_the_real_clock_stays_inside_a_small_box():
+    calls = []
+    times, _ = bench.measure(lambda: calls.append(1), warmup=2, max_seconds=0.005)
+    assert times and len(calls) == 2 + len(times)
+    assert sum(times) < 0.005 + max(times)
 
 
 CPUINFO = """processor\t: 0
@@ -126,7 +163,7 @@ flags\t\t: fpu fma avx2 avx512f avx512_bf16 avx512_vnni
 
 
 def test_cpu_peak_from_cpuinfo():
-    info = hardware.parse_cpuinfo(CPUINFO) | {"kind": "cpu"}
+    info = device.parse_cpuinfo(CPUINFO) | {"kind": "cpu"}
     assert info["name"] == "Test CPU" and info["cores"] == 2 and info["logical_cpus"] == 3 and info["mhz"] == 2500
     # 2 cores x 2.5 GHz x (2 FMA units x 16 lanes x 2 flop)
     assert hardware.peak(info, "fp32")["peak_flops"] == pytest.approx(2 * 2.5e9 * 64)

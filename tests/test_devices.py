@@ -48,11 +48,11 @@ def line_of(text: str, snippet: str) -> int:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """`--device cuda` resolves, both device probes are fixed, and no stage asks torch for a GPU."""
-    import optforge.fingerprint
+    import optforge.device
     import optforge.run
     import optforge.session
 
-    monkeypatch.setattr(optforge.fingerprint, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(optforge.device, "nvidia_gpu_present", lambda: True)
     monkeypatch.setattr(optforge.session, "device_fingerprint", lambda device, root: {"kind": device, "name": "test"})
     monkeypatch.setattr(optforge.run.Executor, "_check_device", lambda self: None)
 

@@ -44,7 +44,7 @@ def test_fakes_are_the_real_kinds_but_for_run():
     import dataclasses
 
     import fake_stages
-    from optforge.stages.base import get_kind, known_kinds
+    from optforge.stages.registry import get_kind, known_kinds
 
     assert sorted(fake_stages.KINDS) == known_kinds()
     for name, fake in fake_stages.KINDS.items():

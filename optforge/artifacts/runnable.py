@@ -42,7 +42,7 @@ class Runnable:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated at max_length (no padding)."""
         if self._encode_ids is None:
-            from optforge.training import batch_encoder
+            from optforge.tokens import batch_encoder
 
             self._encode_ids = batch_encoder(self.tokenizer, self.max_length)
         return self._encode_ids(texts)
@@ -50,7 +50,7 @@ class Runnable:
     def collate(self, ids: list[list[int]], pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
         """Pad token-id lists to the longest (or to `pad_to`) and move them to the device (on CUDA from
         pinned memory, without blocking the host: the forward queues behind the copy)."""
-        from optforge.training import pad_batch
+        from optforge.tokens import pad_batch
 
         input_ids, mask = pad_batch(ids, self.pad_id, pad_to)
         if self.device.type == "cuda":

@@ -43,13 +43,13 @@ def _status(results: dict, name: str) -> dict:
     return results.get(name) or {"status": "missing", "metrics": {}, "reason": None, "key": None}
 
 
-def stage_label(name: str) -> str:
+def stage_label(name: str, config: str, graph=None) -> str:
     """A row's own stage by its kind (`quantize:int8` -> `quantize`: the row already names the config);
     any other stage whole (`prune:p50`)."""
-    from optforge.stages.base import row_kinds
-
+    node = graph.by_name.get(name) if graph is not None else None
     kind, _, rest = name.partition(":")
-    return kind if rest and kind in row_kinds() else name
+    own = node.config == config if node is not None else rest == config
+    return kind if own else name
 
 
 def config_status(graph, results: dict, config: str) -> tuple[str, Optional[str]]:
@@ -66,7 +66,7 @@ def config_status(graph, results: dict, config: str) -> tuple[str, Optional[str]
     for name in order:  # topological: the first failure is the cause, later ones are consequences
         st = _status(results, name)
         if st.get("status") == "failed":
-            return "failed", f"{stage_label(name)}: {one_line(st.get('reason'), limit=None) or 'failed'}"
+            return "failed", f"{stage_label(name, config, graph)}: {one_line(st.get('reason'), limit=None) or 'failed'}"
     states = {w: _status(results, w) for w in wanted}
     if all(s.get("status") == "ok" for s in states.values()):
         return "ok", None

@@ -11,7 +11,6 @@ registry stays cheap (validate / plan / no-op build never import torch).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -84,46 +83,3 @@ class _NullBar:
 
     def __exit__(self, *exc):
         return False
-
-
-# kind -> "module:attribute" of its StageKind. Modules are imported lazily (they import torch).
-_KINDS: dict[str, str] = {
-    "data": "optforge.stages.data:KIND",
-    "teacher": "optforge.stages.teacher:KIND",
-    "student": "optforge.stages.student:KIND",
-    "distill": "optforge.stages.distill:KIND",
-    "prune": "optforge.stages.prune:KIND",
-    "quantize": "optforge.stages.quantize:KIND",
-    "compile": "optforge.stages.compile:KIND",
-    "evaluate": "optforge.stages.evaluate:KIND",
-    "benchmark": "optforge.stages.benchmark:KIND",
-    "serve_benchmark": "optforge.stages.serve_benchmark:KIND",
-}
-
-
-def known_kinds() -> list[str]:
-    return sorted(_KINDS)
-
-
-def register(kind: str, target: str) -> None:
-    """Plugins register a kind as "package.module:ATTRIBUTE" (imported only when that kind is used)."""
-    _KINDS[kind] = target
-
-
-def row_steps() -> list[StageKind]:
-    """The kinds a configuration runs, in row order (imports every registered stage module; no torch)."""
-    kinds = [get_kind(k) for k in _KINDS]
-    return sorted((k for k in kinds if k.row is not None), key=lambda k: k.row.order)
-
-
-def row_kinds() -> frozenset[str]:
-    return frozenset(k.kind for k in row_steps())
-
-
-def get_kind(kind: str) -> StageKind:
-    from optforge.errors import OptforgeError
-
-    if kind not in _KINDS:
-        raise OptforgeError(f"unknown stage kind {kind!r} (known: {', '.join(known_kinds())})")
-    module, attr = _KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), attr)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from optforge import bench, hardware
+from optforge.device import cpu_info, nvidia_driver
 from optforge.errors import KERNEL_ERRORS, DataError, StageFailure, one_line
 from optforge.recipe import BenchmarkParams
 from optforge.stages.base import RowStep, StageContext, StageKind
@@ -112,7 +113,9 @@ def _sync_fn(device) -> Callable[[], None]:
     return lambda: None
 
 
-def describe_device(device) -> dict:
+def benchmark_device_info(device) -> dict:
+    """The `device` object of the benchmark metrics: torch's view of the CUDA device (name, capability,
+    memory) with the driver, or this CPU's record (`device.cpu_info()`, whose flags decide its peak)."""
     import torch
 
     if str(device).startswith("cuda"):
@@ -120,19 +123,8 @@ def describe_device(device) -> dict:
         props = torch.cuda.get_device_properties(idx)
         return {"kind": "cuda", "name": torch.cuda.get_device_name(idx),
                 "capability": f"{props.major}.{props.minor}", "memory_gb": round(props.total_memory / 2**30, 1),
-                "driver": _nvidia_driver(), "cuda": torch.version.cuda}
-    return hardware.cpu_info()
-
-
-def _nvidia_driver() -> Optional[str]:
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-    except OSError:
-        return None
-    for word in text.split():
-        if word.count(".") >= 1 and word.replace(".", "").isdigit():
-            return word
-    return None
+                "driver": nvidia_driver(), "cuda": torch.version.cuda}
+    return cpu_info()
 
 
 class _PeakMemory:
@@ -210,7 +202,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
 
     device = runnable.device
     sync = _sync_fn(device)
-    dev = describe_device(device)
+    dev = benchmark_device_info(device)
     threads = torch.get_num_threads()
     cprec = compute_precision or params.precision
     pk = hardware.peak(dev, cprec, threads if dev["kind"] == "cpu" else None)
@@ -305,11 +297,10 @@ def _timed(fn, b: int, params: BenchmarkParams, sync, flops, peak_flops) -> tupl
     gc.collect()
     gc.disable()
     try:
-        times, warmup_s = bench.measure(fn, warmup=params.warmup, min_runs=params.min_runs,
-                                        max_seconds=params.max_seconds, sync=sync)
+        times, warmup_s = bench.measure(fn, warmup=params.warmup, max_seconds=params.max_seconds, sync=sync)
     finally:
         gc.enable()
-    stats = bench.summarize(times, b)
+    stats = bench.summarize(times, b, min_runs=params.min_runs)
     stats["pct_peak"] = bench.pct_of_peak(flops, stats["p50"] / 1000.0, peak_flops)
     return stats, warmup_s
 

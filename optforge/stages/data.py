@@ -66,7 +66,7 @@ Row = tuple[str, str, str]  # (text, raw label, "file:line")
 def _data_file(ctx: StageContext, spec: DataSpec, role: str) -> Path:
     if role in ctx.data_files:
         return Path(ctx.data_files[role])
-    from optforge.graph import resolve_dataset_dir
+    from optforge.datasets import resolve_dataset_dir
 
     return resolve_dataset_dir(spec.dataset) / (spec.train if role == "train" else spec.eval)
 

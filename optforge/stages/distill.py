@@ -12,7 +12,7 @@ from optforge.stages.base import StageContext, StageKind
 
 
 def run(ctx: StageContext) -> dict:
-    from optforge import modeling, training
+    from optforge import modeling, tokens, training
     from optforge.stages.data import Splits
 
     spec: DistillSpec = ctx.params
@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> dict:
                                           bar=ctx.bar, desc="distill")
     ctx.log(f"distill: teacher logits {stats['teacher_logits_s']:.1f}s, {stats['steps']} steps, "
             f"{stats['examples_per_s']:.1f} ex/s, final loss {stats['final_loss']:.4f}")
-    eval_ids = training.tokenize(s_tok, data.eval_texts, data.max_length)
+    eval_ids = tokens.tokenize(s_tok, data.eval_texts, data.max_length)
     metrics = dict(stats)
     metrics.update(training.evaluate_model(student, eval_ids, data.eval_labels, s_tok.pad_token_id or 0,
                                            ctx.device))

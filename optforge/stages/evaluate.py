@@ -14,6 +14,7 @@ from optforge.stages.base import RowStep, StageContext, StageKind
 def run(ctx: StageContext) -> dict:
     from optforge import training
     from optforge.artifacts import load_runnable
+    from optforge.metrics import classification_metrics
     from optforge.stages.data import EVAL_FILE, read_examples
 
     params: EvaluateParams = ctx.params
@@ -28,7 +29,7 @@ def run(ctx: StageContext) -> dict:
 
     with kernel_failure("forward"):
         logits = training.predict_logits(forward, ids, runnable.pad_id, runnable.device, params.batch_size)
-    metrics = training.classification_metrics(logits.argmax(-1).tolist(), labels, runnable.num_labels)
+    metrics = classification_metrics(logits.argmax(-1).tolist(), labels, runnable.num_labels)
     ctx.log(f"{ctx.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
             f"({runnable.description}, n={metrics['n']})")
     return metrics

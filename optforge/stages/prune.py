@@ -20,9 +20,10 @@ Importance, measured on a calibration set (`CALIBRATION` train sentences, fixed 
     gradient (BERT in eval mode treats examples independently), as in the paper (per example, not per batch).
   - FFN channel j of layer l:  I_j = mean over real (non-pad) tokens |GELU(x W_in + b)_j| * ||W_out[:, j]||_2
     (the expected magnitude of what channel j writes into the residual stream).
-Counts: a layer of H heads loses round(heads * H) of them, keeping at least one. A layer of I channels
-keeps I - round(ffn * I) channels, rounded to a multiple of 16 when I is one (packed int8/int4 CPU
-kernels want N % 16 == 0), keeping at least 16; the metrics report the real fractions removed.
+Counts (optforge/prune_counts.py, pure): a layer of H heads loses round(heads * H) of them, keeping at
+least one. A layer of I channels keeps I - round(ffn * I) channels, rounded to a multiple of 16 when I is
+one (packed int8/int4 CPU kernels want N % 16 == 0), keeping at least 16; the metrics report the real
+fractions removed.
 
 A structurally pruned model has a different width per layer. `modeling.load_classifier` rebuilds each
 Linear from the shapes in model.safetensors; head.json additionally records, under "pruned_layers", one
@@ -34,18 +35,18 @@ from __future__ import annotations
 import json
 import random
 
+from optforge.prune_counts import channels_to_keep, heads_to_remove, removed_fractions
 from optforge.recipe import PruneParams
 from optforge.stages.base import StageContext, StageKind
 
 CALIBRATION = 256  # train sentences used to score heads and channels
 CALIBRATION_BATCH = 32
-FFN_ALIGN = 16
 
 
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from optforge import modeling, training
+    from optforge import modeling, tokens, training
     from optforge.artifacts.runnable import flops_per_token
     from optforge.stages.data import Splits
 
@@ -56,7 +57,7 @@ def run(ctx: StageContext) -> dict:
     training.configure_threads()
     pad_id = tokenizer.pad_token_id or 0
     seq = data.max_length
-    eval_ids = training.tokenize(tokenizer, data.eval_texts, data.max_length)
+    eval_ids = tokens.tokenize(tokenizer, data.eval_texts, data.max_length)
 
     before = param_stats(model)
     metrics: dict = {"method": params.method, "params_before": before["params"],
@@ -157,12 +158,12 @@ def sparsity_stats(linears: list) -> dict:
 
 def calibration_set(tokenizer, data, n: int, seed: int) -> tuple[list[list[int]], list[int]]:
     """(token ids, labels) of `n` train examples drawn with a fixed seed."""
-    from optforge import training
+    from optforge import tokens
 
     idx = list(range(len(data.train_texts)))
     random.Random(seed).shuffle(idx)
     idx = sorted(idx[:n])
-    ids = training.tokenize(tokenizer, [data.train_texts[i] for i in idx], data.max_length)
+    ids = tokens.tokenize(tokenizer, [data.train_texts[i] for i in idx], data.max_length)
     return ids, [data.train_labels[i] for i in idx]
 
 
@@ -172,7 +173,9 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
     import torch
     import torch.nn.functional as F
 
-    from optforge import modeling, training
+    from optforge import modeling
+    from optforge.batching import sorted_batches
+    from optforge.tokens import pad_batch
 
     ids, labels = calib
     layers = modeling.encoder_layers(model.encoder)
@@ -209,8 +212,8 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
     labels_t = torch.tensor(labels, dtype=torch.long)
     try:
         with torch.enable_grad():
-            for batch in training.sorted_batches([len(s) for s in ids], CALIBRATION_BATCH):
-                input_ids, mask = training.pad_batch([ids[j] for j in batch], pad_id)
+            for batch in sorted_batches([len(s) for s in ids], CALIBRATION_BATCH):
+                input_ids, mask = pad_batch([ids[j] for j in batch], pad_id)
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 current_mask["mask"] = mask
                 tokens += int(mask.sum())
@@ -230,17 +233,6 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
 
 
 # --------------------------------------------------------------------------- structured: shrinking
-
-
-def heads_to_remove(n_heads: int, fraction: float) -> int:
-    return min(round(fraction * n_heads), n_heads - 1)
-
-
-def channels_to_keep(n: int, fraction: float, align: int = FFN_ALIGN) -> int:
-    keep = n - round(fraction * n)
-    if n % align == 0 and n >= align:
-        keep = max(align, min(n, align * round(keep / align)))
-    return max(1, keep)
 
 
 def structured_plan(model, head_imp: list, ffn_imp: list, heads: float, ffn: float) -> list[dict]:
@@ -290,16 +282,6 @@ def shrink(model, plan: list[dict]) -> list[dict]:
         out.append({"heads": len(p["kept_heads"]), "head_size": d,
                     "intermediate": len(p["kept_channels"]), "kept_heads": list(p["kept_heads"])})
     return out
-
-
-def removed_fractions(pruned_layers: list[dict], before_shapes: list[dict]) -> dict:
-    heads_before = sum(p["heads_before"] for p in before_shapes)
-    ch_before = sum(p["intermediate_before"] for p in before_shapes)
-    return {"heads_before": heads_before, "heads_after": sum(p["heads"] for p in pruned_layers),
-            "heads_removed_fraction": 1 - sum(p["heads"] for p in pruned_layers) / heads_before,
-            "ffn_before": ch_before, "ffn_after": sum(p["intermediate"] for p in pruned_layers),
-            "ffn_removed_fraction": 1 - sum(p["intermediate"] for p in pruned_layers) / ch_before,
-            "pruned_layers": [{k: v for k, v in p.items() if k != "kept_heads"} for p in pruned_layers]}
 
 
 # --------------------------------------------------------------------------- recovery

@@ -129,7 +129,7 @@ def verify_forward(model, batch, method: str):
 def calibration_batch(ctx: StageContext, tokenizer, max_length: int):
     """(input_ids, attention_mask) on the device: eval sentences when a data input is wired, else a fixed
     set of sentences of varied lengths (padding included, so masked positions are exercised)."""
-    from optforge.training import pad_batch
+    from optforge.tokens import pad_batch
 
     texts = list(CALIBRATION_TEXTS)
     if "data" in ctx.inputs:

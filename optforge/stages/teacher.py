@@ -9,7 +9,7 @@ from optforge.stages.base import StageContext, StageKind
 
 
 def run(ctx: StageContext) -> dict:
-    from optforge import modeling, training
+    from optforge import modeling, tokens, training
     from optforge.stages.data import Splits
 
     spec: TeacherSpec = ctx.params
@@ -33,14 +33,14 @@ def run(ctx: StageContext) -> dict:
     pad_id = tokenizer.pad_token_id or 0
     metrics: dict = {"source": source}
     if spec.finetune is not None:
-        ids = training.tokenize(tokenizer, data.train_texts, data.max_length)
+        ids = tokens.tokenize(tokenizer, data.train_texts, data.max_length)
         stats = training.train(model, ids, data.train_labels, spec.finetune, ctx.device, pad_id,
                                bar=ctx.bar, desc="teacher finetune")
         metrics.update(stats)
         ctx.log(f"teacher: {stats['steps']} steps, {stats['examples_per_s']:.1f} ex/s, "
                 f"final loss {stats['final_loss']:.4f}")
     training.configure_threads()
-    eval_ids = training.tokenize(tokenizer, data.eval_texts, data.max_length)
+    eval_ids = tokens.tokenize(tokenizer, data.eval_texts, data.max_length)
     metrics.update(training.evaluate_model(model.to(ctx.device), eval_ids, data.eval_labels, pad_id, ctx.device))
     metrics["params"] = sum(p.numel() for p in model.parameters())
     modeling.save_classifier(model.cpu(), tokenizer, {"max_length": data.max_length, "source": source}, ctx.out)

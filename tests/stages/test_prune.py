@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from optforge import modeling
+from optforge import modeling, prune_counts
 from optforge.stages import prune
 from tiny_models import TINY, build_tiny, sample_batch, save_tiny
 
@@ -87,8 +87,8 @@ def test_structured_removes_expected_parameters(run_stage, tmp_path, tiny_model,
     metrics = run_stage("prune", {"method": "structured", "heads": heads, "ffn": ffn}, tmp_path,
                         {"model": tiny_model, "data": data_dir}, {"data": data_metrics})
     H, nh, inter, L = TINY["hidden_size"], TINY["num_heads"], TINY["intermediate_size"], TINY["num_layers"]
-    removed_heads = prune.heads_to_remove(nh, heads)
-    kept_inter = prune.channels_to_keep(inter, ffn) if ffn else inter
+    removed_heads = prune_counts.heads_to_remove(nh, heads)
+    kept_inter = prune_counts.channels_to_keep(inter, ffn) if ffn else inter
     expected = _expected_structured_params(H, nh, H // nh, inter, removed_heads, kept_inter, L)
     assert metrics["params_before"] - metrics["params_after"] == expected
     if heads or ffn:
@@ -164,10 +164,3 @@ def test_importance_ranks_dead_heads_and_channels_last(toy_data):
     assert 2 not in plan[1]["kept_heads"] and len(plan[1]["kept_heads"]) == 3
     assert 5 not in plan[1]["kept_channels"]
     assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients behind
-
-
-def test_channel_rounding_keeps_kernel_friendly_widths():
-    assert prune.channels_to_keep(1536, 0.3) % 16 == 0
-    assert prune.channels_to_keep(128, 0.3) == 96  # 128 - 38 = 90 -> nearest multiple of 16
-    assert prune.channels_to_keep(100, 0.5) == 50  # not a multiple of 16 to begin with: exact
-    assert prune.heads_to_remove(2, 0.9) == 1  # always keep one head

@@ -35,7 +35,7 @@ def save_tiny(out: Path, seed: int = 0, max_length: int = 32, **overrides) -> Pa
 
 def sample_batch(tokenizer, texts, pad_to=None):
     """(input_ids, attention_mask) of `texts`, padded to the longest (rows of different lengths)."""
-    from optforge.training import pad_batch
+    from optforge.tokens import pad_batch
 
     ids = tokenizer(list(texts), truncation=True, max_length=64)["input_ids"]
     return pad_batch(ids, tokenizer.pad_token_id or 0, pad_to)
