@@ -248,8 +248,8 @@ class BenchmarkSpec(Strict):
     end_to_end: bool = True
     fixed_length: Optional[int] = Field(None, ge=2, le=512)  # pad every input to this many tokens
     warmup: int = Field(5, ge=0, le=1000)
-    min_runs: int = Field(20, ge=3, le=100000)
-    max_seconds: float = Field(3.0, gt=0, le=600)  # time box per (batch size, scope)
+    min_runs: int = Field(20, ge=3, le=100000)  # timed calls a stable figure wants; fewer in the box: "capped"
+    max_seconds: float = Field(3.0, gt=0, le=600)  # time box per (batch size, scope), warm-up included
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
     seed: int = 0
 
