@@ -188,13 +188,19 @@ QUANTIZE_KEY_DEFAULTS = {"group_size": 128}
 
 
 class _QuantizeStep(Strict):
-    """Base of QuantizeSpec: it dumps (for the recipe hash, and so the stage parameters) with the
-    method's parameters filled in and QUANTIZE_KEY_DEFAULTS for those it does not declare."""
+    """Base of QuantizeSpec: it dumps with the method's parameters filled in (and nothing else, so a dump
+    validates again). With the serialization context {"key_compat": True} (the recipe hash, the stage
+    parameters) it adds QUANTIZE_KEY_DEFAULTS for the parameters its method does not declare."""
 
     @model_serializer(mode="wrap")
-    def _dump(self, handler):
+    def _dump(self, handler, info):
         out = {k: v for k, v in handler(self).items() if k not in quant_methods.option_fields()}
-        return out | QUANTIZE_KEY_DEFAULTS | quant_method_params(self).model_dump(mode="json")
+        if info.context and info.context.get("key_compat"):
+            out |= QUANTIZE_KEY_DEFAULTS
+        return out | quant_method_params(self).model_dump(mode="json")
+
+
+KEY_COMPAT = {"key_compat": True}  # serialization context for what enters keys and the recipe hash
 
 
 def _quantize_spec() -> type[BaseModel]:
@@ -570,7 +576,7 @@ class QuantizeParams(Strict):
     @classmethod
     def for_step(cls, spec, precision: str) -> dict:
         """The stage parameters (JSON) of quantize entry `spec` in a row computing in `precision`."""
-        step = {k: v for k, v in spec.model_dump(mode="json").items() if k != "name"}
+        step = {k: v for k, v in spec.model_dump(mode="json", context=KEY_COMPAT).items() if k != "name"}
         return cls.model_validate(step | {"precision": precision}).model_dump(mode="json")
 
 

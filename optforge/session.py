@@ -21,7 +21,7 @@ from optforge.fingerprint import library_versions, read_json, sha256_json, write
 from optforge.graph import Graph
 from optforge.lockfile import lock_path, read_lock
 from optforge.plan import KindInfo, StagePlan, plan_stages, skipped_below
-from optforge.recipe import Recipe
+from optforge.recipe import KEY_COMPAT, Recipe
 from optforge.recipe_io import load_and_check
 from optforge.stages.base import StageKind
 from optforge.stages.registry import get_kind
@@ -61,7 +61,7 @@ class Session:
         # the device's view, less the keys that only select it: a recipe that uses none of them hashes
         # as it did before they existed
         selectors = {"overrides": True, "configs": {"__all__": {"devices"}}}
-        recipe = (self.recipe.model_dump(mode="json", exclude=selectors) if self.recipe
+        recipe = (self.recipe.model_dump(mode="json", exclude=selectors, context=KEY_COMPAT) if self.recipe
                   else [n.params for n in self.graph.nodes])
         # local files: their content hashes; a hub dataset: what names it
         data = self.data_sha.get("data") or (self.graph["data"].params if "data" in self.graph.by_name

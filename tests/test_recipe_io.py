@@ -73,6 +73,9 @@ CASES = [
      "cycle: a -> b -> a"),
     ("group-size", edit(16, "  - {name: q4, method: int4-weight-only, group_size: 100}"), 16,
      "quantize[1].group_size", "one of 32, 64, 128, 256, got 100"),
+    ("option-of-another-method", edit(15, "  - {name: q1, method: int8-dynamic, group_size: 64}"), 15,
+     "quantize[0].group_size", "`group_size` is not a parameter of int8-dynamic (it takes no parameters); "
+     "it is for int4-weight-only"),
     ("name-escapes", edit(1, "name: ../../x"), 1, "name", "should match pattern"),
     ("method-typo", edit(15, "  - {name: q1, method: int8-dynamc}"), 15, "quantize[0].method",
      "did you mean 'int8-dynamic'"),
