@@ -21,7 +21,7 @@ def test_a_quantize_entry_takes_only_its_methods_parameters_and_dumps_round_trip
     dyn = QuantizeSpec(name="d", method="int8-dynamic")
     assert dyn.model_dump() == {"name": "d", "method": "int8-dynamic"}
     for spec in (int4, dyn):
-        assert QuantizeSpec.model_validate(spec.model_dump()) == spec
+        assert QuantizeSpec.model_validate(spec.model_dump()).model_dump() == spec.model_dump()
 
 
 def test_stage_parameters_keep_the_keys_of_existing_caches():
