@@ -160,27 +160,39 @@ def gc(dry_run):
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
 def clean(recipe):
-    """Forget a recipe's build state (its lock files, one per device); its cache entries become gc-able."""
+    """Forget a recipe's build state (its lock files, one per device); its cache entries become gc-able.
+    Deletes only lock files optforge wrote for this recipe, and only for a recipe that loads."""
     from optforge.cache import Cache
-    from optforge.lockfile import lock_path, read_lock
+    from optforge.fingerprint import read_json
+    from optforge.lockfile import is_optforge_lock, lock_path
     from optforge.recipe import DEVICES
+    from optforge.recipe_io import load_recipe
 
+    loaded = load_recipe(recipe, str(recipe))  # not a recipe (poetry.toml, flake.nix): touch nothing
+    name = loaded.recipe.name
     cache = Cache()
-    forgot = []
-    for lock_file in [lock_path(recipe, device) for device in DEVICES]:
-        lock = read_lock(lock_file)
-        name = (lock or {}).get("recipe")
-        if name:
+    forgot, problems = [], []
+    for lock_file in [lock_path(loaded.path, device) for device in DEVICES]:
+        if lock_file.exists():
+            data = read_json(lock_file)
+            if not is_optforge_lock(data, name):
+                whose = (f"the lock file of recipe {data['recipe']!r}, not of {name!r}" if is_optforge_lock(data)
+                         else f"not an optforge lock file of recipe {name!r}")
+                problems.append(f"{lock_file} is {whose}; left it alone (delete it yourself if it is stale)")
+                continue
             with cache.recipe_lock(name):  # never pull the state from under a running build
                 lock_file.unlink(missing_ok=True)
-        else:
-            lock_file.unlink(missing_ok=True)
-        if cache.unregister(lock_file) or lock is not None:
             forgot.append(str(lock_file))
-    if not forgot:
-        click.echo(f"clean: nothing recorded for {recipe}")
-    else:
+        if cache.unregister(lock_file) and str(lock_file) not in forgot:
+            forgot.append(str(lock_file))
+    if forgot:
         click.echo(f"clean: forgot {', '.join(forgot)}; run `optforge gc` to free their cache entries")
+    elif not problems:
+        click.echo(f"clean: nothing recorded for {recipe}")
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(2)
 
 
 @main.command("serve")

@@ -222,3 +222,70 @@ def test_file_hash_memo(tmp_path):
     _bump_mtime(f)
     again = FileHashes(tmp_path / "fp.json")
     assert again.sha256(f) != first  # size is equal but mtime moved
+
+
+# --------------------------------------------------------------------------- issue 12: what loads, what gc keeps
+
+
+def _forge(entry, rel: str, data: bytes, manifest: bool = False):
+    """Rewrite `rel` keeping its size and mtime (bit rot, `cp -p`); with `manifest`, rewrite the manifest's
+    record of it too, consistently (a tampered shared cache)."""
+    f = entry / rel
+    st = f.stat()
+    f.write_bytes(data)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if manifest:
+        from optforge.fingerprint import file_sha256
+
+        m = json.loads((entry / MANIFEST).read_text())
+        m["files"][rel] |= {"size": len(data), "sha256": file_sha256(f), "mtime_ns": f.stat().st_mtime_ns}
+        (entry / MANIFEST).write_text(json.dumps(m))
+
+
+def _registered(cache, tmp_path, name, key):
+    lock = tmp_path / name / "recipes" / f"{name}.lock"
+    lock.parent.mkdir(parents=True)
+    write_lock(lock, name, {"s": {"key": key}})
+    cache.register(lock)
+    return lock
+
+
+def test_lock_paths_are_unambiguous(tmp_path):
+    d = tmp_path / "recipes"
+    d.mkdir()
+    # the common case keeps its old names (the committed recipes/sst2.lock and sst2.cuda.lock)
+    assert lock_path(d / "sst2.yaml") == d / "sst2.lock" and lock_path(d / "sst2.yaml", "cuda") == d / "sst2.cuda.lock"
+    # everything else is named after the whole file name, so no two recipes share a lock
+    assert lock_path(d / "tiny.yml") == d / "tiny.yml.lock" != lock_path(d / "tiny.yaml")
+    assert lock_path(d / "x.cuda.yaml") == d / "x.cuda.yaml.lock" != lock_path(d / "x.yaml", "cuda")
+    assert lock_path(d / "x.cuda.yaml", "cuda") == d / "x.cuda.yaml.cuda.lock"
+    names = ["a.yaml", "a.yml", "a.cuda.yaml", "a.cuda.yml", "a.b.yaml", "a", "a.json", "b.yaml"]
+    paths = [lock_path(d / n, dev) for n in names for dev in ("cpu", "cuda")]
+    assert len(set(paths)) == len(paths) - 2  # only "a" vs "a.yaml" collide (and are refused below)
+
+
+def test_two_recipes_that_would_share_a_lock_are_refused(tmp_path):
+    d = tmp_path / "recipes"
+    d.mkdir()
+    (d / "x.yaml").write_text("name: x\n")
+    (d / "x").write_text("name: x2\n")  # lock x.lock, like x.yaml's
+    with pytest.raises(CacheError, match=r"x and .*x\.yaml would share the lock file .*x\.lock; rename one"):
+        lock_path(d / "x.yaml")
+    with pytest.raises(CacheError, match="would share the lock file"):
+        lock_path(d / "x")
+    (d / "y.cuda").write_text("")  # its cpu lock y.cuda.lock is y.yaml's cuda lock
+    (d / "y.yaml").write_text("")
+    assert lock_path(d / "y.yaml") == d / "y.lock"
+    with pytest.raises(CacheError, match=r"y\.cuda\.lock"):
+        lock_path(d / "y.yaml", "cuda")
+
+
+def test_lock_file_recognises_only_its_own_format(tmp_path):
+    from optforge.lockfile import is_optforge_lock
+
+    path = tmp_path / "sst2.lock"
+    write_lock(path, "sst2", {"s": {"key": K1}})
+    assert is_optforge_lock(read_lock(path), "sst2") and not is_optforge_lock(read_lock(path), "other")
+    for foreign in ({"stages": {}}, {"format": 1, "stages": {}}, {"format": 2, "recipe": "sst2", "stages": {}},
+                    {"package": [{"name": "click"}]}, None):
+        assert not is_optforge_lock(foreign, "sst2")
