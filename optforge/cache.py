@@ -14,7 +14,10 @@ complete entry or a tmp dir nobody reads. Directories are named by keys, never b
 Verification policy (keeps a no-op build fast while never loading a damaged file):
   * every plan: manifest present, and each file's size and mtime_ns as recorded; a file whose mtime
     moved is re-hashed (through the memo) and compared with the manifest's sha256.
-  * before a running stage consumes an upstream entry: every file's sha256 (`deep=True`).
+  * before a running stage consumes an upstream entry: every file's sha256, and no file the manifest
+    does not list (`deep=True`).
+  * before anything else loads an entry to use it (serve, export: `optforge.artifacts.load_runnable`):
+    the same, through `verify_entry`, which raises a CacheError naming the damaged file.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from optforge.cache_entry import EntryState
 from optforge.errors import CacheError
@@ -62,6 +66,60 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _sealed_manifest(m, key: str) -> bool:
+    return isinstance(m, dict) and m.get("key") == key and m.get("status") in ("ok", "failed") \
+        and isinstance(m.get("files", {}), dict)
+
+
+def check_files(base: Path, files: dict, deep: bool, sha256: Callable[[Path], str] = file_sha256) -> Optional[str]:
+    """The first way the files under `base` differ from a manifest's `files`, or None. Cheap: size, and
+    the sha256 (through `sha256`, e.g. the memo) of a file whose mtime moved. Deep: every file's sha256,
+    and no symlink and no file the manifest does not list."""
+    for rel, info in sorted(files.items()):
+        path = base / rel
+        try:
+            st = path.lstat() if deep else path.stat()
+        except OSError:
+            return f"{rel} missing"
+        if deep and not stat.S_ISREG(st.st_mode):
+            return f"{rel} is not a regular file"
+        if st.st_size != info["size"]:
+            return f"{rel} size mismatch ({st.st_size} bytes, expected {info['size']})"
+        if deep or st.st_mtime_ns != info.get("mtime_ns"):
+            digest = file_sha256(path) if deep else sha256(path)
+            if digest != info["sha256"]:
+                return f"{rel} sha256 mismatch"
+    if deep:
+        for path in sorted(base.rglob("*")):
+            rel = path.relative_to(base).as_posix()
+            if rel not in files and rel != MANIFEST and (path.is_symlink() or not path.is_dir()):
+                return f"{rel} is not in its manifest"
+    return None
+
+
+def is_entry_dir(path: Path) -> bool:
+    """Whether `path` is (or is named like) an entry of some cache: objects/<key[:2]>/<key>/ or holding a manifest."""
+    path = Path(path)
+    return (path / MANIFEST).exists() or (bool(_KEY.match(path.name)) and path.parent.name == path.name[:2]
+                                          and path.parent.parent.name == "objects")
+
+
+def verify_entry(entry_dir: Path) -> dict:
+    """Every file of a sealed entry against its manifest (sha256, no extra file): its manifest, or a
+    CacheError naming what is damaged. What a loader calls before it uses an artifact."""
+    base = Path(entry_dir)
+    m = read_json(base / MANIFEST)
+    if not _sealed_manifest(m, base.name) or m["status"] != "ok":
+        raise CacheError(f"{base}: no valid {MANIFEST}: not a sealed cache entry, so it was not loaded; "
+                         "rebuild it (optforge build RECIPE)")
+    problem = check_files(base, m.get("files", {}), deep=True)
+    if problem:
+        stage = m.get("stage") or "STAGE"
+        raise CacheError(f"{base}: {problem}: this cache entry (made by stage {stage!r}) is damaged and was not "
+                         f"loaded; rebuild it with `optforge build RECIPE --force {stage}`")
+    return m
+
+
 class Cache:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else default_root()
@@ -79,9 +137,7 @@ class Cache:
 
     def manifest(self, key: str) -> Optional[dict]:
         m = read_json(self.entry_dir(key) / MANIFEST)
-        if not isinstance(m, dict) or m.get("key") != key or m.get("status") not in ("ok", "failed"):
-            return None
-        return m
+        return m if _sealed_manifest(m, key) else None
 
     def state(self, key: str, deep: bool = False) -> EntryState:
         """How far an entry can be trusted (see the module docstring for what `deep` adds)."""
@@ -90,19 +146,10 @@ class Cache:
             return EntryState("missing")
         if m["status"] == "failed":
             return EntryState("failed", m.get("reason") or "failed", m.get("metrics") or {})
-        base = self.entry_dir(key)
-        for rel, info in sorted(m.get("files", {}).items()):
-            try:
-                st = (base / rel).stat()
-            except OSError:
-                return EntryState("corrupted", f"{rel} missing")
-            if st.st_size != info["size"]:
-                return EntryState("corrupted", f"{rel} size mismatch ({st.st_size} bytes, expected {info['size']})")
-            if deep or st.st_mtime_ns != info.get("mtime_ns"):
-                # deep: hash for real; else the memo spares re-hashing a file that was only touched
-                digest = file_sha256(base / rel) if deep else self.hashes.sha256(base / rel)
-                if digest != info["sha256"]:
-                    return EntryState("corrupted", f"{rel} sha256 mismatch")
+        # cheap: the memo spares re-hashing a file that was only touched
+        problem = check_files(self.entry_dir(key), m.get("files", {}), deep, self.hashes.sha256)
+        if problem:
+            return EntryState("corrupted", problem)
         return EntryState("ok", None, m.get("metrics") or {})
 
     def new_tmp(self) -> Path:

@@ -242,6 +242,29 @@ def _forge(entry, rel: str, data: bytes, manifest: bool = False):
         (entry / MANIFEST).write_text(json.dumps(m))
 
 
+def test_verify_entry_hashes_every_file_and_names_the_damaged_one(cache):
+    from optforge.cache import verify_entry
+
+    seal(cache, K1)
+    entry = cache.entry_dir(K1)
+    assert verify_entry(entry)["key"] == K1
+    _forge(entry, "tok/vocab.txt", b"x\ny\n")
+    assert cache.state(K1).status == "ok"  # plan's cheap check trusts size+mtime (documented)
+    with pytest.raises(CacheError, match=r"tok/vocab\.txt sha256 mismatch"):
+        verify_entry(entry)
+
+    seal(cache, K2)
+    (cache.entry_dir(K2) / "extra.so").write_bytes(b"\x7fELF")  # a file the manifest does not list
+    with pytest.raises(CacheError, match=r"extra\.so is not in its manifest"):
+        verify_entry(cache.entry_dir(K2))
+    assert cache.state(K2, deep=True).reason == "extra.so is not in its manifest"
+
+    seal(cache, K3)
+    (cache.entry_dir(K3) / MANIFEST).unlink()
+    with pytest.raises(CacheError, match="no valid manifest.json"):
+        verify_entry(cache.entry_dir(K3))
+
+
 def _registered(cache, tmp_path, name, key):
     lock = tmp_path / name / "recipes" / f"{name}.lock"
     lock.parent.mkdir(parents=True)
