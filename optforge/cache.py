@@ -3,6 +3,8 @@
     objects/<key[:2]>/<key>/   artifact files + manifest.json (written last)
     tmp/<pid>-<random>/        outputs in progress; garbage once their pid is gone
     locks/<recipe>.lock        flock: one build of a recipe at a time (holds the builder's pid)
+    locks/.builds              flock: shared by every running build, exclusive for `gc`
+    locks/.registry            flock: around every write of recipes.json
     recipes.json               lock files of known recipes (what `gc` keeps alive)
     fingerprints.json          sha256 memo by path+size+mtime_ns (optforge.fingerprint.FileHashes)
     device.json                device probe, once per boot
@@ -31,6 +33,7 @@ import re
 import secrets
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -295,34 +298,82 @@ class Cache:
 
     # ------------------------------------------------------------------ gc
 
-    def gc(self, dry_run: bool = False) -> tuple[list[str], list[str]]:
-        """Remove entries no registered lock file refers to. Returns (removed keys, kept keys).
-        Refuses while any build holds a recipe lock: its newest entries may not be in a lock file yet."""
-        from optforge.lockfile import read_lock
+    @contextlib.contextmanager
+    def build_lock(self):
+        """Held, shared, by every build from before it registers its lock file until it ends, so that a
+        gc (which takes it exclusively) never runs beside a build, a first build included: such a build
+        may hold entries that no lock file refers to yet. Waits while a gc runs (seconds)."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with open(self.locks / ".builds", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
-        held = []
+    @contextlib.contextmanager
+    def _no_build_running(self):
+        """gc's side of `build_lock` (and of every recipe lock, which `clean` takes too)."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        held, busy = [], False
         with contextlib.ExitStack() as stack:
-            for lock in sorted(self.locks.glob("*.lock")) if self.locks.is_dir() else []:
+            for lock in [self.locks / ".builds", *sorted(self.locks.glob("*.lock"))]:
                 f = stack.enter_context(open(lock, "a+"))
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    held.append(lock.stem)
-            if held:
-                raise CacheError(f"a build is running ({', '.join(held)}); run gc when it has finished")
+                    busy = True
+                    if lock.suffix == ".lock":
+                        held.append(lock.stem)
+            if busy:
+                names = f" ({', '.join(held)})" if held else ""
+                raise CacheError(f"a build is running{names}; run gc when it has finished")
+            yield
+
+    def gc(self, dry_run: bool = False, forget=(), forget_missing: bool = False) -> "GcResult":
+        """Remove entries no registered lock file refers to. A gc never removes what it cannot prove
+        unreferenced: it refuses while a build runs, and while any registered lock file is missing (a
+        moved project) or unreadable (a merge conflict), unless that file is forgotten first: `forget`
+        (paths), `forget_missing` (every missing one). Nothing is forgotten by a dry run."""
+        from optforge.lockfile import is_optforge_lock
+
+        with self._no_build_running(), self._exclusive(".registry"):
+            registered = self.registered()
+            forgotten = sorted({str(Path(p).absolute()) for p in forget})
+            unknown = [p for p in forgotten if p not in registered]
+            if unknown:
+                raise CacheError(f"{unknown[0]} is not a registered lock file (registered: "
+                                 f"{', '.join(registered) or 'none'})")
+            if forget_missing:
+                forgotten = sorted(set(forgotten) | {p for p in registered if not os.path.exists(p)})
             keep: set[str] = set()
-            live = []
-            for lockfile in self.registered():
-                lock = read_lock(Path(lockfile))
-                if lock is None:
-                    continue  # the recipe's lock file is gone: nothing of it is kept alive
-                live.append(lockfile)
-                keep |= {s["key"] for s in lock.get("stages", {}).values() if "key" in s}
+            problems = []
+            for lockfile in [p for p in registered if p not in forgotten]:
+                lock = read_json(Path(lockfile))
+                if not os.path.exists(lockfile):
+                    problems.append(f"registered lock file {lockfile} is missing (a moved or deleted project?): "
+                                    f"restore it, or forget it with `optforge gc --forget {lockfile}` "
+                                    "(`--forget-missing` forgets every missing one)")
+                elif not is_optforge_lock(lock):
+                    problems.append(f"registered lock file {lockfile} is not an optforge lock file (an unresolved "
+                                    f"merge conflict?): fix it, or forget it with `optforge gc --forget {lockfile}`")
+                else:
+                    keep |= {s["key"] for s in lock["stages"].values() if isinstance(s, dict) and "key" in s}
+            if problems:
+                raise CacheError("; ".join(problems) + "; gc removed nothing")
             removed = [k for k in self.keys() if k not in keep]
             if not dry_run:
+                if forgotten:
+                    write_json_atomic(self.root / "recipes.json",
+                                      {"lockfiles": [p for p in registered if p not in forgotten]}, indent=1)
                 for k in removed:
                     self.evict(k)
                 self.sweep_tmp()
-                if live != self.registered():
-                    write_json_atomic(self.root / "recipes.json", {"lockfiles": live}, indent=1)
-            return removed, sorted(keep & set(self.keys()))
+            return GcResult(removed, sorted(keep & set(self.keys())), forgotten)
+
+
+@dataclass
+class GcResult:
+    removed: list[str]  # keys
+    kept: list[str]  # keys
+    forgotten: list[str]  # lock files taken out of the registry

@@ -144,16 +144,21 @@ def report(recipe, compare, device):
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@click.option("--forget", multiple=True, metavar="LOCKFILE",
+              help="First take this lock file out of the registry (a project that is gone; repeatable).")
+@click.option("--forget-missing", is_flag=True, help="First forget every registered lock file that no longer exists.")
 @user_errors
-def gc(dry_run):
-    """Remove cache entries that no known recipe's lock file refers to."""
+def gc(dry_run, forget, forget_missing):
+    """Remove cache entries that no known recipe's lock file refers to. Refuses (removing nothing)
+    while a build runs or a registered lock file is missing or unreadable."""
     from optforge.cache import Cache
 
-    cache = Cache()
-    removed, kept = cache.gc(dry_run=dry_run)
-    for key in removed:
+    result = Cache().gc(dry_run=dry_run, forget=forget, forget_missing=forget_missing)
+    for path in result.forgotten:
+        click.echo(f"{'would forget' if dry_run else 'forgot'} {path}")
+    for key in result.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {key}")
-    click.echo(f"gc: {len(removed)} {'to remove' if dry_run else 'removed'}, {len(kept)} kept")
+    click.echo(f"gc: {len(result.removed)} {'to remove' if dry_run else 'removed'}, {len(result.kept)} kept")
 
 
 @main.command()

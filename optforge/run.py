@@ -286,7 +286,7 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
         for line in dry_run_lines(plans, selected):
             echo(line)
         return BuildResult(summary="dry run")
-    with session.cache.recipe_lock(session.name, wait):
+    with session.cache.build_lock(), session.cache.recipe_lock(session.name, wait):
         session.reload_lock()  # under the lock: another build of this recipe may have just finished
         plans = session.plan(force)
         session.cache.register(session.lock_file)

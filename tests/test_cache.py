@@ -179,16 +179,22 @@ def test_registry_and_gc(cache, tmp_path):
     cache.register(a)
     assert cache.registered() == [str(a), str(b)]
 
-    removed, kept = cache.gc(dry_run=True)
-    assert removed == [K3] and kept == sorted([K1, K2]) and cache.state(K3).status == "ok"
-    assert cache.gc() == ([K3], sorted([K1, K2]))
+    dry = cache.gc(dry_run=True)
+    assert dry.removed == [K3] and dry.kept == sorted([K1, K2]) and cache.state(K3).status == "ok"
+    result = cache.gc()
+    assert (result.removed, result.kept, result.forgotten) == ([K3], sorted([K1, K2]), [])
     assert cache.state(K3).status == "missing" and cache.state(K1).status == "ok"
 
-    b.unlink()  # a recipe whose lock file is gone keeps nothing alive, and leaves the registry
-    assert cache.gc()[0] == [K2]
+    b.unlink()  # gone: gc cannot tell what it referred to, so it refuses until told to forget it
+    with pytest.raises(CacheError, match="is missing"):
+        cache.gc()
+    assert cache.gc(dry_run=True, forget=[b]).removed == [K2] and str(b) in cache.registered()
+    assert cache.gc(forget=[b]).removed == [K2]
     assert cache.registered() == [str(a)]
+    with pytest.raises(CacheError, match="is not a registered lock file"):
+        cache.gc(forget=[b])
     assert cache.unregister(a) and not cache.unregister(a)
-    assert cache.gc()[0] == [K1]
+    assert cache.gc().removed == [K1]
 
 
 def test_gc_refuses_while_a_build_runs(cache):
@@ -271,6 +277,35 @@ def _registered(cache, tmp_path, name, key):
     write_lock(lock, name, {"s": {"key": key}})
     cache.register(lock)
     return lock
+
+
+def test_gc_refuses_when_a_registered_lock_file_is_missing(cache, tmp_path):
+    """A moved project (or a fresh CI checkout elsewhere) leaves its old absolute path in the registry:
+    gc cannot prove its entries unreferenced, so it removes nothing."""
+    for k in (K1, K2, K3):
+        seal(cache, k)
+    a = _registered(cache, tmp_path, "a", K1)
+    _registered(cache, tmp_path, "b", K2)
+    (tmp_path / "a").rename(tmp_path / "a-moved")
+    with pytest.raises(CacheError, match=rf"registered lock file {a} is missing.*--forget-missing"):
+        cache.gc()
+    assert all(cache.state(k).status == "ok" for k in (K1, K2, K3)) and str(a) in cache.registered()
+    result = cache.gc(forget_missing=True)  # the explicit way out
+    assert (result.removed, result.kept, result.forgotten) == (sorted([K1, K3]), [K2], [str(a)])
+    assert str(a) not in cache.registered()
+
+
+def test_gc_refuses_when_a_registered_lock_file_is_unreadable(cache, tmp_path):
+    seal(cache, K1)
+    seal(cache, K2)
+    a = _registered(cache, tmp_path, "a", K1)
+    a.write_text("<<<<<<< HEAD\n" + a.read_text() + "=======\n{}\n>>>>>>> feature\n")  # a merge conflict
+    with pytest.raises(CacheError, match=rf"registered lock file {a} is not an optforge lock file"):
+        cache.gc(dry_run=True)
+    with pytest.raises(CacheError, match=rf"optforge gc --forget {a}"):
+        cache.gc()
+    assert cache.state(K1).status == "ok" and cache.state(K2).status == "ok"
+    assert cache.gc(forget=[a]).removed == sorted([K1, K2])
 
 
 def test_lock_paths_are_unambiguous(tmp_path):

@@ -37,6 +37,42 @@ def keys_of(recipe, device="cpu") -> dict[str, str]:
 # --------------------------------------------------------------------------- gc
 
 
+def test_gc_after_the_project_moved_removes_nothing_until_told(toy, optforge_env):
+    assert invoke("build", toy, "--device", "cpu").exit_code == 0
+    n = len(list(Cache().keys()))
+    old_lock = toy.with_suffix(".lock")
+    moved = optforge_env.root / "moved"
+    (optforge_env.root / "project").rename(moved)  # or a fresh CI checkout somewhere else
+
+    result = invoke("gc")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: registered lock file {old_lock} is missing")
+    assert "--forget-missing" in result.stderr and len(list(Cache().keys())) == n
+
+    new_recipe = moved / "recipes" / "toy.yaml"
+    assert invoke("build", new_recipe, "--device", "cpu").stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert invoke("gc").exit_code == 2  # the old path is still registered and still missing
+    forgot = invoke("gc", "--forget-missing")
+    assert forgot.exit_code == 0, forgot.output
+    assert forgot.stdout.splitlines() == [f"forgot {old_lock}", f"gc: 0 removed, {n} kept"]
+    assert Cache().registered() == [str(new_recipe.with_suffix(".lock"))]
+
+
+def test_gc_with_a_conflicted_lock_file_removes_nothing(toy):
+    assert invoke("build", toy, "--device", "cpu").exit_code == 0
+    n = len(list(Cache().keys()))
+    lock = toy.with_suffix(".lock")
+    text = lock.read_text()
+    lock.write_text("<<<<<<< HEAD\n" + text + "=======\n" + text.replace('"key"', '"kee"') + ">>>>>>> b\n")
+    result = invoke("gc")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: registered lock file {lock} is not an optforge lock file")
+    assert f"optforge gc --forget {lock}" in result.stderr
+    assert len(list(Cache().keys())) == n
+    lock.write_text(text)  # conflict resolved
+    assert invoke("gc").stdout.splitlines()[-1] == f"gc: 0 removed, {n} kept"
+
+
 # --------------------------------------------------------------------------- clean
 
 
