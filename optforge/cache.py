@@ -59,6 +59,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unwritable(directory: Path, error: OSError) -> CacheError:
+    """The one message for a cache directory that cannot be written (names the nearest existing one)."""
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    return CacheError(f"cannot write into the cache directory {directory} ({error.strerror or error}): make it "
+                      f"writable (chmod -R u+w {directory}) or set OPTFORGE_CACHE to a writable directory")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -156,10 +164,23 @@ class Cache:
         return EntryState("ok", None, m.get("metrics") or {})
 
     def new_tmp(self) -> Path:
-        self.tmp.mkdir(parents=True, exist_ok=True)
         path = self.tmp / f"{os.getpid()}-{secrets.token_hex(6)}"
-        path.mkdir()
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise _unwritable(self.tmp, e) from None
         return path
+
+    def check_writable(self, key: str) -> None:
+        """Before a stage runs: could its output be sealed under `key`? (Else its work would be lost.)"""
+        for directory in (self.tmp, self.entry_dir(key).parent):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                probe = directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+                probe.mkdir()
+                probe.rmdir()
+            except OSError as e:
+                raise _unwritable(directory, e) from None
 
     def commit(self, tmp: Path, key: str, *, status: str, metrics: dict, reason: Optional[str],
                kind: str, stage: str, replace: bool = False) -> EntryState:
@@ -189,19 +210,20 @@ class Cache:
         _fsync_dir(tmp)
 
         target = self.entry_dir(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            if replace or self.state(key).status not in ("ok", "failed"):
-                self.evict(key)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return self.state(key)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                if replace or self.state(key).status not in ("ok", "failed"):
+                    self.evict(key)
+                else:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return self.state(key)
             os.rename(tmp, target)
         except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build sealed the same key first
+                raise _unwritable(target.parent, e) from None
+            # else a concurrent build sealed the same key first
         _fsync_dir(target.parent)
         return self.state(key)
 

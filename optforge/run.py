@@ -188,8 +188,9 @@ class Executor:
         self.device_checked = True
 
     def _run(self, p: StagePlan) -> None:
-        self._check_device()
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
+        cache.check_writable(p.key)  # before the work, not after it: an unwritable cache is a CacheError
+        self._check_device()
         usable = {role: dep for role, dep in node.inputs.items() if dep not in self.unusable}
         inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in usable.items()}
         input_metrics = {role: self.result.outcomes.get(dep, {}).get("metrics") or

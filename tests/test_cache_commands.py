@@ -135,6 +135,42 @@ def _make_writable(path: Path) -> None:
         d.chmod(0o755 if d.is_dir() else 0o644)
 
 
+def test_unwritable_objects_directory_is_one_clear_error_before_the_stage_runs(cli, toy, optforge_env):
+    assert cli("build", toy, "--until", "data").returncode == 0
+    objects = optforge_env.cache / "objects"
+    if not _make_unwritable(objects):
+        pytest.skip("cannot make a directory unwritable here (root without chattr)")
+    started = optforge_env.root / "started.txt"
+    try:
+        result = cli("build", toy, env={"FAKE_STARTED": str(started)})
+    finally:
+        _make_writable(objects)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith(f"error: cannot write into the cache directory {objects}")
+    assert "OPTFORGE_CACHE" in line and len(line.splitlines()) == 1
+    assert not started.exists()  # checked before the stage ran: no work thrown away
+    assert not any((optforge_env.cache / "tmp").iterdir())
+
+
+def test_a_commit_that_fails_removes_its_tmp_dir_and_says_why(tmp_path, monkeypatch):
+    from optforge.errors import CacheError
+
+    cache = Cache(tmp_path / "cache")
+    tmp = cache.new_tmp()
+    (tmp / "a").write_bytes(b"a")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    key = "ab" * 32
+    with pytest.raises(CacheError, match=rf"cannot write into the cache directory {cache.objects / 'ab'} "
+                                         r"\(Permission denied\)"):
+        cache.commit(tmp, key, status="ok", metrics={}, reason=None, kind="k", stage="s")
+    assert not tmp.exists()
+
+
 # --------------------------------------------------------------------------- compiled artifacts are code
 
 
