@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Optional
 
 from optforge.cache_entry import EntryState
 from optforge.errors import CacheError
-from optforge.fingerprint import FileHashes, file_sha256, read_json, write_json_atomic
+from optforge.fingerprint import FileHashes, file_sha256, read_json, sha256_json, write_json_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -80,6 +80,15 @@ def _pid_alive(pid: int) -> bool:
 def _sealed_manifest(m, key: str) -> bool:
     return isinstance(m, dict) and m.get("key") == key and m.get("status") in ("ok", "failed") \
         and isinstance(m.get("files", {}), dict)
+
+
+def entry_digest(manifest: dict) -> str:
+    """What an entry says, in one sha256: status, reason, metrics and every file's sha256 (no sizes or
+    mtimes, which a copy changes). Kept outside the cache (in the lock file) for entries that hold code,
+    it tells a consistently rewritten entry (files and manifest) from the one that was built."""
+    return sha256_json({"status": manifest["status"], "reason": manifest.get("reason"),
+                        "metrics": manifest.get("metrics") or {},
+                        "files": {rel: info["sha256"] for rel, info in manifest.get("files", {}).items()}})
 
 
 def check_files(base: Path, files: dict, deep: bool, sha256: Callable[[Path], str] = file_sha256) -> Optional[str]:
@@ -156,12 +165,12 @@ class Cache:
         if m is None:
             return EntryState("missing")
         if m["status"] == "failed":
-            return EntryState("failed", m.get("reason") or "failed", m.get("metrics") or {})
+            return EntryState("failed", m.get("reason") or "failed", m.get("metrics") or {}, entry_digest(m))
         # cheap: the memo spares re-hashing a file that was only touched
         problem = check_files(self.entry_dir(key), m.get("files", {}), deep, self.hashes.sha256)
         if problem:
-            return EntryState("corrupted", problem)
-        return EntryState("ok", None, m.get("metrics") or {})
+            return EntryState("corrupted", problem, digest=entry_digest(m))
+        return EntryState("ok", None, m.get("metrics") or {}, entry_digest(m))
 
     def new_tmp(self) -> Path:
         path = self.tmp / f"{os.getpid()}-{secrets.token_hex(6)}"

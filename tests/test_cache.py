@@ -271,6 +271,18 @@ def test_verify_entry_hashes_every_file_and_names_the_damaged_one(cache):
         verify_entry(cache.entry_dir(K3))
 
 
+def test_entry_digest_covers_content_not_timestamps(cache):
+    seal(cache, K1)
+    entry = cache.entry_dir(K1)
+    before = cache.state(K1).digest
+    assert len(before) == 64
+    os.utime(entry / "model.safetensors", ns=(1, 1))
+    assert cache.state(K1).digest == before
+    _forge(entry, "model.safetensors", b"v" * 100, manifest=True)  # consistent: the manifest agrees
+    after = cache.state(K1, deep=True)
+    assert after.status == "ok" and after.digest != before  # only a digest kept elsewhere can tell
+
+
 def _registered(cache, tmp_path, name, key):
     lock = tmp_path / name / "recipes" / f"{name}.lock"
     lock.parent.mkdir(parents=True)

@@ -184,4 +184,46 @@ def _tamper_consistently(entry: Path) -> None:
     (entry / MANIFEST).write_text(json.dumps(m))
 
 
+def test_a_tampered_compiled_entry_is_refused_by_serve_and_rebuilt_by_build(cli, toy):
+    assert cli("build", toy).returncode == 0
+    lock = toy.with_suffix(".lock")
+    recorded = read_lock(lock)["stages"]["compile:compiled"]["digest"]
+    assert "digest" not in read_lock(lock)["stages"]["teacher"]  # data and weights are not code
+    key = keys_of(toy)["compile:compiled"]
+    entry = Cache().entry_dir(key)
+    _tamper_consistently(entry)
+    assert Cache().state(key, deep=True).status == "ok"  # the entry agrees with itself
+
+    reason = f"output does not match the digest recorded in {lock}"
+    plan = {s["name"]: s for s in json.loads(cli("plan", toy, "--json").stdout)["stages"]}
+    assert plan["compile:compiled"]["status"] == "stale" and plan["compile:compiled"]["reasons"] == [reason]
+
+    served = cli("serve", toy, "--config", "compiled", "--port", "0", timeout=60)
+    assert served.returncode == 2 and reason in served.stderr and "Traceback" not in served.stderr
+
+    rebuilt = cli("build", toy)
+    assert rebuilt.returncode == 0
+    assert [ln.split()[1] for ln in rebuilt.stdout.splitlines() if ln.startswith("ran")] == ["compile:compiled"]
+    assert b"evil" not in (entry / "weights.bin").read_bytes()
+    assert read_lock(lock)["stages"]["compile:compiled"]["digest"] == recorded == Cache().state(key).digest
+
+
+def test_recipes_sharing_a_compiled_stage_do_not_rebuild_it_in_turn(toy):
+    """Compiled code is not byte-reproducible: when one recipe rebuilds a shared entry (--force), the
+    other's recorded digest no longer matches. The first's lock file (outside the cache) records the new
+    digest for that key and vouches for it: trusted, not rebuilt, so the two never rebuild it in turn."""
+    twin = toy.with_name("twin.yaml")
+    twin.write_text(toy.read_text().replace("name: toy", "name: twin"))
+    for recipe in (toy, twin):
+        assert invoke("build", recipe, "--device", "cpu").exit_code == 0
+    key = keys_of(toy)["compile:compiled"]
+    _tamper_consistently(Cache().entry_dir(key))  # stands for toy's rebuild with other bytes...
+    lock = json.loads(toy.with_suffix(".lock").read_text())
+    lock["stages"]["compile:compiled"]["digest"] = Cache().state(key).digest  # ...and what toy recorded
+    toy.with_suffix(".lock").write_text(json.dumps(lock))
+    twin_build = invoke("build", twin, "--device", "cpu")
+    assert twin_build.stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert read_lock(twin.with_suffix(".lock"))["stages"]["compile:compiled"]["digest"] == Cache().state(key).digest
+
+
 # --------------------------------------------------------------------------- shared stages, one build
