@@ -5,6 +5,7 @@
     locks/<recipe>.lock        flock: one build of a recipe at a time (holds the builder's pid)
     locks/.builds              flock: shared by every running build, exclusive for `gc`
     locks/.registry            flock: around every write of recipes.json
+    locks/keys/<key>.lock      flock: around running the stage of that key (holds the builder's pid)
     recipes.json               lock files of known recipes (what `gc` keeps alive)
     fingerprints.json          sha256 memo by path+size+mtime_ns (optforge.fingerprint.FileHashes)
     device.json                device probe, once per boot
@@ -272,19 +273,17 @@ class Cache:
     # ------------------------------------------------------------------ locks
 
     @contextlib.contextmanager
-    def recipe_lock(self, name: str, wait: bool = False):
-        """One build of a recipe at a time. Fails at once, naming the holder's pid, unless `wait`."""
-        if not _LOCK_NAME.match(name):
-            raise CacheError(f"recipe name {name!r} cannot name a lock file")
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with open(self.locks / f"{name}.lock", "a+") as f:
+    def _pid_lock(self, path: Path, on_busy: Callable[[str], None]):
+        """flock `path` exclusively, with our pid written in it. When another process holds it,
+        `on_busy(its pid)` is called first (raise to give up), then we wait for it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                pid = f.read().strip() or "?"
-                raise CacheError(f"another build of {name!r} is running (pid {pid}); "
-                                 "wait for it to finish or pass --wait") from None
+                on_busy(f.read().strip() or "?")
+                fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
             f.truncate()
             f.write(str(os.getpid()))
@@ -293,6 +292,24 @@ class Cache:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def recipe_lock(self, name: str, wait: bool = False):
+        """One build of a recipe at a time. Fails at once, naming the holder's pid, unless `wait`."""
+        if not _LOCK_NAME.match(name):
+            raise CacheError(f"recipe name {name!r} cannot name a lock file")
+
+        def busy(pid: str) -> None:
+            if not wait:
+                raise CacheError(f"another build of {name!r} is running (pid {pid}); "
+                                 "wait for it to finish or pass --wait")
+
+        return self._pid_lock(self.locks / f"{name}.lock", busy)
+
+    def key_lock(self, key: str, on_wait: Callable[[str], None] = lambda pid: None):
+        """Held around running the stage whose output is `key`: a second build (another recipe with an
+        equal stage) waits for the first's entry instead of doing the same work; `on_wait(pid)` first."""
+        self.entry_dir(key)  # a key, or CacheError
+        return self._pid_lock(self.locks / "keys" / f"{key}.lock", on_wait)
 
     @contextlib.contextmanager
     def _exclusive(self, lockname: str):
@@ -400,6 +417,7 @@ class Cache:
                 for k in removed:
                     self.evict(k)
                 self.sweep_tmp()
+                shutil.rmtree(self.locks / "keys", ignore_errors=True)  # no build runs: nobody holds one
             return GcResult(removed, sorted(keep & set(self.keys())), forgotten)
 
 

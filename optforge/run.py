@@ -191,13 +191,21 @@ class Executor:
         self.device_checked = True
 
     def _run(self, p: StagePlan) -> None:
+        """Run a stale stage, unless another build makes the same entry: then wait for it and use it."""
+        def waiting(pid: str) -> None:
+            self.echo(f"waiting for {p.name} (being built by pid {pid})")
+
+        with self.s.cache.key_lock(p.key, on_wait=waiting):
+            if p.name not in self.force:
+                state = self.s.cache.state(p.key)
+                if state.status in ("ok", "failed") and state.digest != p.entry.digest:
+                    # sealed since the plan (by another build): a new entry, not the one the plan distrusted
+                    self._cached(p, state)
+                    return
+            self._run_stage(p)
+
+    def _run_stage(self, p: StagePlan) -> None:
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
-        if p.name not in self.force:
-            state = cache.state(p.key)
-            if state.status in ("ok", "failed") and state.digest != p.entry.digest:
-                # sealed since the plan (by another build): a new entry, not the one the plan distrusted
-                self._cached(p, state)
-                return
         cache.check_writable(p.key)  # before the work, not after it: an unwritable cache is a CacheError
         self._check_device()
         usable = {role: dep for role, dep in node.inputs.items() if dep not in self.unusable}

@@ -283,6 +283,23 @@ def test_entry_digest_covers_content_not_timestamps(cache):
     assert after.status == "ok" and after.digest != before  # only a digest kept elsewhere can tell
 
 
+def test_key_lock_makes_a_second_builder_wait_and_names_the_holder(cache):
+    waited, order = [], []
+    with cache.key_lock(K1):
+        def second():
+            with cache.key_lock(K1, on_wait=waited.append):
+                order.append("second")
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(5)
+    assert order == ["first done", "second"] and waited == [str(os.getpid())]
+    with cache.key_lock(K1, on_wait=waited.append):  # free: no wait
+        pass
+    assert len(waited) == 1
+
+
 def _registered(cache, tmp_path, name, key):
     lock = tmp_path / name / "recipes" / f"{name}.lock"
     lock.parent.mkdir(parents=True)

@@ -227,3 +227,18 @@ def test_recipes_sharing_a_compiled_stage_do_not_rebuild_it_in_turn(toy):
 
 
 # --------------------------------------------------------------------------- shared stages, one build
+
+
+def test_two_recipes_sharing_a_slow_stage_build_it_once(cli, toy, optforge_env):
+    twin = toy.with_name("twin.yaml")
+    twin.write_text(toy.read_text().replace("name: toy", "name: twin"))  # same stages, same keys
+    started, runs = optforge_env.root / "started.txt", optforge_env.root / "runs.txt"
+    env = {"FAKE_SLEEP": "teacher:3", "FAKE_STARTED": str(started), "FAKE_RUNS": str(runs)}
+    first = cli("build", toy, env=env, background=True)
+    wait_for_line(started, "teacher", first)
+    second = cli("build", twin, env=env)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
+    assert f"waiting for teacher (being built by pid {first.pid})" in second.stdout
+    ran = runs.read_text().splitlines()
+    assert sorted(ran) == sorted(set(ran)) and len(ran) == 20  # every stage ran once, in one build or the other
