@@ -119,7 +119,7 @@ def check_files(base: Path, files: dict, deep: bool, sha256: Callable[[Path], st
 
 
 def is_entry_dir(path: Path) -> bool:
-    """Whether `path` is (or is named like) an entry of some cache: objects/<key[:2]>/<key>/ or holding a manifest."""
+    """Whether `path` is a cache entry, or is placed like one (objects/<key[:2]>/<key>/, its manifest gone)."""
     path = Path(path)
     return (path / MANIFEST).exists() or (bool(_KEY.match(path.name)) and path.parent.name == path.name[:2]
                                           and path.parent.parent.name == "objects")
@@ -397,7 +397,7 @@ class Cache:
             keep: set[str] = set()
             problems = []
             for lockfile in [p for p in registered if p not in forgotten]:
-                lock = read_json(Path(lockfile))
+                lock = read_json(Path(lockfile))  # None when missing or not JSON
                 if not os.path.exists(lockfile):
                     problems.append(f"registered lock file {lockfile} is missing (a moved or deleted project?): "
                                     f"restore it, or forget it with `optforge gc --forget {lockfile}` "

