@@ -130,7 +130,8 @@ def verify_entry(entry_dir: Path) -> dict:
     CacheError naming what is damaged. What a loader calls before it uses an artifact."""
     base = Path(entry_dir)
     m = read_json(base / MANIFEST)
-    if not _sealed_manifest(m, base.name) or m["status"] != "ok":
+    key = base.name if _KEY.match(base.name) else (m or {}).get("key")  # an entry copied elsewhere keeps its key
+    if not _sealed_manifest(m, key) or m["status"] != "ok":
         raise CacheError(f"{base}: no valid {MANIFEST}: not a sealed cache entry, so it was not loaded; "
                          "rebuild it (optforge build RECIPE)")
     problem = check_files(base, m.get("files", {}), deep=True)
@@ -186,7 +187,8 @@ class Cache:
         for directory in (self.tmp, self.entry_dir(key).parent):
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                probe = directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+                # named like a tmp dir of a live process, so that another build's sweep_tmp leaves it
+                probe = directory / f"{os.getpid()}-probe-{secrets.token_hex(4)}"
                 probe.mkdir()
                 probe.rmdir()
             except OSError as e:

@@ -376,3 +376,17 @@ def test_lock_file_recognises_only_its_own_format(tmp_path):
     for foreign in ({"stages": {}}, {"format": 1, "stages": {}}, {"format": 2, "recipe": "sst2", "stages": {}},
                     {"package": [{"name": "click"}]}, None):
         assert not is_optforge_lock(foreign, "sst2")
+
+
+def test_an_entry_copied_out_of_the_cache_is_still_verified(cache, tmp_path):
+    import shutil
+
+    from optforge.cache import verify_entry
+
+    seal(cache, K1)
+    copy = tmp_path / "exported"
+    shutil.copytree(cache.entry_dir(K1), copy)
+    assert verify_entry(copy)["key"] == K1
+    (copy / "model.safetensors").write_bytes(b"x" * 100)
+    with pytest.raises(CacheError, match="model.safetensors sha256 mismatch"):
+        verify_entry(copy)
