@@ -144,43 +144,60 @@ def report(recipe, compare, device):
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@click.option("--forget", multiple=True, metavar="LOCKFILE",
+              help="First take this lock file out of the registry (a project that is gone; repeatable).")
+@click.option("--forget-missing", is_flag=True, help="First forget every registered lock file that no longer exists.")
 @user_errors
-def gc(dry_run):
-    """Remove cache entries that no known recipe's lock file refers to."""
+def gc(dry_run, forget, forget_missing):
+    """Remove cache entries that no known recipe's lock file refers to. Refuses (removing nothing)
+    while a build runs or a registered lock file is missing or unreadable."""
     from optforge.cache import Cache
 
-    cache = Cache()
-    removed, kept = cache.gc(dry_run=dry_run)
-    for key in removed:
+    result = Cache().gc(dry_run=dry_run, forget=forget, forget_missing=forget_missing)
+    for path in result.forgotten:
+        click.echo(f"{'would forget' if dry_run else 'forgot'} {path}")
+    for key in result.removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {key}")
-    click.echo(f"gc: {len(removed)} {'to remove' if dry_run else 'removed'}, {len(kept)} kept")
+    click.echo(f"gc: {len(result.removed)} {'to remove' if dry_run else 'removed'}, {len(result.kept)} kept")
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @user_errors
 def clean(recipe):
-    """Forget a recipe's build state (its lock files, one per device); its cache entries become gc-able."""
+    """Forget a recipe's build state (its lock files, one per device); its cache entries become gc-able.
+    Deletes only lock files optforge wrote for this recipe, and only for a recipe that loads."""
     from optforge.cache import Cache
-    from optforge.lockfile import lock_path, read_lock
+    from optforge.fingerprint import read_json
+    from optforge.lockfile import is_optforge_lock, lock_path
     from optforge.recipe import DEVICES
+    from optforge.recipe_io import load_recipe
 
+    loaded = load_recipe(recipe, str(recipe))  # not a recipe (poetry.toml, flake.nix): touch nothing
+    name = loaded.recipe.name
     cache = Cache()
-    forgot = []
-    for lock_file in [lock_path(recipe, device) for device in DEVICES]:
-        lock = read_lock(lock_file)
-        name = (lock or {}).get("recipe")
-        if name:
+    forgot, problems = [], []
+    for lock_file in [lock_path(loaded.path, device) for device in DEVICES]:
+        if lock_file.exists():
+            data = read_json(lock_file)
+            if not is_optforge_lock(data, name):
+                whose = (f"the lock file of recipe {data['recipe']!r}, not of {name!r}" if is_optforge_lock(data)
+                         else f"not an optforge lock file of recipe {name!r}")
+                problems.append(f"{lock_file} is {whose}; left it alone (delete it yourself if it is stale)")
+                continue
             with cache.recipe_lock(name):  # never pull the state from under a running build
                 lock_file.unlink(missing_ok=True)
-        else:
-            lock_file.unlink(missing_ok=True)
-        if cache.unregister(lock_file) or lock is not None:
             forgot.append(str(lock_file))
-    if not forgot:
-        click.echo(f"clean: nothing recorded for {recipe}")
-    else:
+        if cache.unregister(lock_file) and str(lock_file) not in forgot:
+            forgot.append(str(lock_file))
+    if forgot:
         click.echo(f"clean: forgot {', '.join(forgot)}; run `optforge gc` to free their cache entries")
+    elif not problems:
+        click.echo(f"clean: nothing recorded for {recipe}")
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(2)
 
 
 @main.command("serve")

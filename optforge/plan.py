@@ -4,6 +4,10 @@ A stage is *fresh* when the cache holds a trusted entry under its key (a recorde
 rebuild does not retry it, `--force` does). Otherwise it is *stale*, and the reasons say what changed,
 found by diffing the key material against the lock file's record of the last build of that stage,
 cheapest first (DVC order): code version, params, inputs, data, library versions, device, output.
+
+An entry the cache vouches for is still distrusted when the lock file recorded another digest for
+that key (entries that hold code: optforge.cache.entry_digest, `recorded_elsewise`), unless another
+recipe's lock file records this one.
 """
 
 from __future__ import annotations
@@ -132,11 +136,13 @@ def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict]
                 data: Mapping[str, Mapping[str, str]], versions: Mapping[str, Optional[str]],
                 device: Optional[dict], lock: Mapping[str, dict],
                 entry: Callable[[str], EntryState], force: frozenset = frozenset(),
-                data_paths: Mapping[str, Mapping[str, str]] | None = None) -> list[StagePlan]:
+                data_paths: Mapping[str, Mapping[str, str]] | None = None, lock_name: str = "the lock file",
+                vouched: Callable[[str, str], bool] = lambda key, digest: False) -> list[StagePlan]:
     """Keys and verdicts for every node of `graph`, in its (topological) order.
 
     params[name]: the node's validated params; data[name]: role -> sha256 of its data files;
-    lock[name]: the lock file's record of the stage's last build; entry(key): the cache's view of it.
+    lock[name]: the lock file's record of the stage's last build; entry(key): the cache's view of it;
+    vouched(key, digest): whether another lock file records that digest for that key.
     """
     keys: dict[str, str] = {}
     out: list[StagePlan] = []
@@ -154,13 +160,15 @@ def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict]
             status, reasons = "stale", ["forced"]
             if state.status == "failed":
                 reasons.append(f"previous run failed: {state.reason}")
-        elif state.status in ("ok", "failed"):
+        elif state.status in ("ok", "failed") and not recorded_elsewise(old, key, state, vouched):
             status = "fresh"
             if state.status == "failed":
                 reasons = [f"previous run failed: {state.reason} (recorded; --force {node.name} retries)"]
         else:
             status = "stale"
-            if old and old.get("key") == key:
+            if state.status in ("ok", "failed"):
+                reasons.append(f"output does not match the digest recorded in {lock_name}")
+            elif old and old.get("key") == key:
                 if old.get("error"):
                     reasons.append(f"previous run failed: {old['error']}")
                 elif state.status == "corrupted":
@@ -172,6 +180,14 @@ def plan_stages(graph, kinds: Mapping[str, KindInfo], params: Mapping[str, dict]
         out.append(StagePlan(node.name, node.kind, key, status, reasons, record, state))
     _mark_blocked(graph, out, kinds)
     return out
+
+
+def recorded_elsewise(old: Optional[dict], key: str, state: EntryState, vouched: Callable[[str, str], bool]) -> bool:
+    """Whether the lock record `old` holds another digest for this very key than the entry has, and no
+    other lock file vouches for the entry's (a recipe sharing the stage rebuilt it). Nothing recorded (a
+    new stage, an older lock file): trusted, and recorded by the build."""
+    recorded = (old or {}).get("digest") if (old or {}).get("key") == key else None
+    return bool(recorded) and recorded != state.digest and not vouched(key, state.digest)
 
 
 def _mark_blocked(graph, plans: list[StagePlan], kinds: Mapping[str, KindInfo]) -> None:

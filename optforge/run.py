@@ -137,12 +137,10 @@ class Executor:
                 r.skipped.append(p.name)
                 self.echo(f"{'skipped':<8}{p.name} ({blocked[p.name]})")
                 continue
-            state = p.entry
-            if p.key in self.sealed or (p.status == "stale" and p.name not in self.force
-                                        and state.status == "missing"):
-                state = self.s.cache.state(p.key)  # sealed meanwhile: an equal stage, or another build
-            if (p.name not in self.force or p.key in self.sealed) and state.status in ("ok", "failed"):
-                self._cached(p, state)
+            if p.key in self.sealed:  # an equal stage of this build made it
+                self._cached(p, self.s.cache.state(p.key))
+            elif p.status == "fresh":
+                self._cached(p, p.entry)
             else:
                 self._run(p)
         gone = set(self.s.lock) - set(self.s.graph.names())
@@ -158,9 +156,14 @@ class Executor:
         if status in ("failed", "skipped"):
             self.unusable.add(p.name)
 
-    def _record(self, p: StagePlan, error: Optional[str] = None) -> None:
-        """Lock file after every stage, so a killed build keeps its progress."""
-        record = p.record | ({"error": error} if error else {})
+    def _record(self, p: StagePlan, state=None, error: Optional[str] = None) -> None:
+        """Lock file after every stage, so a killed build keeps its progress. For an entry that holds
+        code, its digest too: what a later plan trusts (optforge.plan.recorded_elsewise)."""
+        record = dict(p.record)
+        if state is not None and state.digest and self.s.kinds[p.kind].holds_code:
+            record["digest"] = state.digest
+        if error:
+            record["error"] = error
         if self.s.lock.get(p.name) == record:
             return  # the usual case for cached stages: nothing to write
         self.s.lock[p.name] = record
@@ -175,7 +178,7 @@ class Executor:
         else:
             self.result.cached.append(p.name)
             self.echo(f"{'cached':<8}{p.name}")
-        self._record(p)
+        self._record(p, state)
 
     def _check_device(self) -> None:
         _quiet_import_noise()
@@ -188,8 +191,23 @@ class Executor:
         self.device_checked = True
 
     def _run(self, p: StagePlan) -> None:
-        self._check_device()
+        """Run a stale stage, unless another build makes the same entry: then wait for it and use it."""
+        def waiting(pid: str) -> None:
+            self.echo(f"waiting for {p.name} (being built by pid {pid})")
+
+        with self.s.cache.key_lock(p.key, on_wait=waiting):
+            if p.name not in self.force:
+                state = self.s.cache.state(p.key)
+                if state.status in ("ok", "failed") and state.digest != p.entry.digest:
+                    # sealed since the plan (by another build): a new entry, not the one the plan distrusted
+                    self._cached(p, state)
+                    return
+            self._run_stage(p)
+
+    def _run_stage(self, p: StagePlan) -> None:
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
+        cache.check_writable(p.key)  # before the work, not after it: an unwritable cache is a CacheError
+        self._check_device()
         usable = {role: dep for role, dep in node.inputs.items() if dep not in self.unusable}
         inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in usable.items()}
         input_metrics = {role: self.result.outcomes.get(dep, {}).get("metrics") or
@@ -211,7 +229,7 @@ class Executor:
             self.sealed.add(p.key)
             self._outcome(p, "failed", reason=state.reason)
             self.result.failed.append(p.name)
-            self._record(p)
+            self._record(p, state)
             self.echo(f"{'failed':<8}{p.name}: {state.reason}")
             return
         except BaseException as e:
@@ -231,12 +249,13 @@ class Executor:
             self._record(p, error=reason)
             return
         dt = time.perf_counter() - t0
+        # replace whatever is there: it was forced, damaged or distrusted (else the stage would not have run)
         state = cache.commit(tmp, p.key, status="ok", metrics=metrics, reason=None, kind=p.kind,
-                             stage=p.name, replace=p.name in self.force or p.entry.status == "corrupted")
+                             stage=p.name, replace=True)
         self.sealed.add(p.key)
         self._outcome(p, "ok", state.metrics or metrics)
         self.result.ran.append(p.name)
-        self._record(p)  # before the line: whoever sees "ran X" can rely on the lock file having X
+        self._record(p, state)  # before the line: whoever sees "ran X" can rely on the lock file having X
         self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
 
 
@@ -286,7 +305,7 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
         for line in dry_run_lines(plans, selected):
             echo(line)
         return BuildResult(summary="dry run")
-    with session.cache.recipe_lock(session.name, wait):
+    with session.cache.build_lock(), session.cache.recipe_lock(session.name, wait):
         session.reload_lock()  # under the lock: another build of this recipe may have just finished
         plans = session.plan(force)
         session.cache.register(session.lock_file)

@@ -51,7 +51,21 @@ class Session:
         params = {n: p.model_dump(mode="json") for n, p in self.params.items()}
         data_paths = {n.name: dict(n.data_files) for n in self.graph.nodes if n.data_files}
         return plan_stages(self.graph, infos, params, self.data_sha, self.versions, self.device_fp,
-                           self.lock, self.cache.state, frozenset(force), data_paths)
+                           self.lock, self.cache.state, frozenset(force), data_paths, str(self.lock_file),
+                           self.vouched)
+
+    def vouched(self, key: str, digest: str) -> bool:
+        """Whether another registered lock file records `digest` for `key` (a recipe sharing this stage
+        rebuilt it). Only lock files outside the cache count: a restored or shared cache can bring its
+        own recipes.json, not files beside the recipes."""
+        root = self.cache.root.resolve()
+        for path in map(Path, self.cache.registered()):
+            if path == self.lock_file.absolute() or path.resolve().is_relative_to(root):
+                continue
+            stages = (read_lock(path) or {}).get("stages", {})
+            if any(isinstance(r, dict) and (r.get("key"), r.get("digest")) == (key, digest) for r in stages.values()):
+                return True
+        return False
 
     def reload_lock(self) -> None:
         self.lock = (read_lock(self.lock_file) or {}).get("stages", {})

@@ -38,9 +38,9 @@ class World:
         self.lock: dict = {}
         self.kinds = dict(KINDS)
 
-    def plan(self, force=()):
+    def plan(self, force=(), **kw):
         return plan_stages(graph(), self.kinds, self.params, self.data, self.versions, self.device, self.lock,
-                           lambda k: self.entries.get(k, EntryState("missing")), frozenset(force))
+                           lambda k: self.entries.get(k, EntryState("missing")), frozenset(force), **kw)
 
     def build(self):
         ran = []
@@ -191,6 +191,27 @@ def test_crash_recorded_in_lock_is_reported(world):
     p = {p.name: p for p in world.plan()}["teacher"]
     world.lock["teacher"] = p.record | {"error": "RuntimeError: boom"}
     assert world.verdicts()["teacher"] == ("stale", ["previous run failed: RuntimeError: boom"])
+
+
+def test_an_entry_whose_digest_differs_from_the_recorded_one_is_stale(world):
+    """Code-bearing entries: the lock file (outside the cache) records the digest of what was loaded; a
+    consistently tampered entry (files and manifest rewritten) has another digest and is not trusted."""
+    keys = {p.name: p.key for p in world.plan()}
+    world.lock["distill"] = world.lock["distill"] | {"digest": "d1"}
+    world.entries[keys["distill"]] = EntryState("ok", digest="d1")
+    assert world.verdicts()["distill"] == ("fresh", [])
+    world.entries[keys["distill"]] = EntryState("ok", digest="d2")
+    plans = {p.name: p for p in world.plan(lock_name="recipes/x.lock")}
+    assert (plans["distill"].status, plans["distill"].reasons) == \
+        ("stale", ["output does not match the digest recorded in recipes/x.lock"])
+    assert plans["bench:a"].status == "fresh"  # keys did not move: only the distrusted entry is rebuilt
+    # another recipe's lock file that records this digest for this key vouches for it (it rebuilt the
+    # shared stage): trusted, so two recipes sharing a stage never rebuild it in turn
+    vouched = {p.name: p for p in world.plan(vouched=lambda key, d: (key, d) == (keys["distill"], "d2"))}
+    assert vouched["distill"].status == "fresh"
+    # nothing recorded for this key (a new stage, an older lock file): trusted, recorded at the next build
+    world.lock["distill"] = world.lock["distill"] | {"digest": None}
+    assert world.verdicts()["distill"] == ("fresh", [])
 
 
 def test_rewired_input_is_named():

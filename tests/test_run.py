@@ -298,3 +298,35 @@ def test_report_gets_every_stage_result(toy, monkeypatch):
     (toy.parent.parent / "reports/toy/report.md").unlink()
     build(toy, device="cpu", echo=lambda s: None, progress=False)
     assert len(calls) == 2  # its output went missing: rendered again
+
+
+def test_gc_never_removes_what_a_first_build_is_making(tmp_path, fake_kinds, monkeypatch):
+    """gc used to read the registry, then remove what a first build registered and sealed meanwhile (and
+    rewrite recipes.json without the registry lock, dropping that build's lock file)."""
+    import threading
+
+    from optforge.lockfile import write_lock
+
+    session = hand_built_session(tmp_path)
+    cache = session.cache
+    other = tmp_path / "other.lock"  # some other recipe, so that gc has something to read
+    write_lock(other, "other", {})
+    cache.register(other)
+    build_thread = threading.Thread(target=lambda: execute(session, echo=lambda s: None, progress=False,
+                                                           render_report=False))
+    real_registered = Cache.registered
+
+    def registered_then_a_first_build_starts(self):
+        snapshot = real_registered(self)
+        if threading.current_thread() is threading.main_thread() and build_thread.ident is None:
+            build_thread.start()
+            build_thread.join(1)  # gc goes on while that build runs (or waits for gc)
+        return snapshot
+
+    monkeypatch.setattr(Cache, "registered", registered_then_a_first_build_starts)
+    cache.gc()
+    build_thread.join(30)
+    monkeypatch.undo()
+    assert str(session.lock_file) in cache.registered()
+    keys = {s["key"] for s in read_lock(session.lock_file)["stages"].values()}
+    assert len(keys) == 3 and all(cache.state(k).status == "ok" for k in keys)

@@ -30,11 +30,19 @@ FORMATS: dict[str, str] = {  # format -> module with `load`
 }
 
 
-def load_runnable(artifact_dir, device: str, precision: str = "fp32"):
+def load_runnable(artifact_dir, device: str, precision: str = "fp32", verify: bool = True):
     """The artifact at `artifact_dir` as a `optforge.artifacts.runnable.Runnable` on `device`. `precision`
-    applies to float artifacts; quantized and compiled ones compute in the precision they were made for."""
+    applies to float artifacts; quantized and compiled ones compute in the precision they were made for.
+
+    `verify`: a cache entry's files are checked against its manifest (sha256 of every file) before any
+    is read; a damaged one raises CacheError naming the file. A stage passes False: the engine hashed its
+    inputs just before it ran (and a benchmark's load time must not include hashing). A directory outside
+    any cache (no manifest.json, not under objects/) has nothing to be checked against."""
+    from optforge.cache import is_entry_dir, verify_entry
     from optforge.modeling import read_meta
 
+    if verify and is_entry_dir(artifact_dir):
+        verify_entry(artifact_dir)
     meta = read_meta(artifact_dir)
     fmt = meta.get("format")
     if fmt not in FORMATS:

@@ -46,6 +46,10 @@ class StageKind:
     # (serve_benchmark with `config: best` depends on every row; one failed row must not cancel it).
     tolerates_failed_inputs: bool = False
     row: Optional[RowStep] = None  # set for the kinds a configuration (report row) runs
+    # Its artifact is code that runs when it is loaded (AOTInductor shared libraries, pickled Inductor
+    # cache artifacts): the lock file, outside the cache, records each such entry's digest, and an entry
+    # whose digest differs is rebuilt, never loaded (optforge.plan: "output does not match the digest").
+    holds_code: bool = False
 
 
 @dataclass

@@ -45,7 +45,7 @@ def run(ctx: StageContext) -> dict:
     with _threads(params.threads):
         sync = _sync_fn(ctx.device)
         t0 = time.perf_counter()
-        runnable = load_runnable(ctx.inputs["model"], ctx.device, params.precision)
+        runnable = load_runnable(ctx.inputs["model"], ctx.device, params.precision, verify=False)
         sync()
         load_s = time.perf_counter() - t0
         return benchmark_runnable(runnable, texts, params, load_s=load_s,

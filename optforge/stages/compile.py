@@ -97,6 +97,7 @@ def run(ctx: StageContext) -> dict:
 
 
 KIND = StageKind(kind="compile", version="2", params_model=CompileParams, run=run, hardware_bound=True,
+                 holds_code=True,
                  row=RowStep(order=20, measure=False, applies=lambda recipe, c: c.compile != "none",
                              params=lambda recipe, c: CompileParams.for_row(recipe, c)))
 

@@ -21,7 +21,7 @@ def run(ctx: StageContext) -> dict:
     texts, labels = read_examples(ctx.inputs["data"] / EVAL_FILE)
     training.configure_threads()
     with kernel_failure("load"):
-        runnable = load_runnable(ctx.inputs["model"], ctx.device, params.precision)
+        runnable = load_runnable(ctx.inputs["model"], ctx.device, params.precision, verify=False)
     ids = runnable.tokenize(texts)
 
     def forward(input_ids, attention_mask):

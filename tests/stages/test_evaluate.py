@@ -63,14 +63,14 @@ def test_unsupported_kernel_becomes_a_stage_failure(tiny_teacher, toy_data, run_
 
     exc = RuntimeError("Could not run 'quantized::linear_dynamic' with arguments from the 'CUDA' backend.\n"
                        "This could be because the operator doesn't exist for this backend ...")
-    monkeypatch.setattr(optforge.artifacts, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
+    monkeypatch.setattr(optforge.artifacts, "load_runnable", lambda *a, **k: _failing_runnable(tiny_teacher, exc))
     with pytest.raises(StageFailure) as info:
         run_stage("evaluate", {}, tmp_path, {"model": tiny_teacher[0], "data": toy_data[0]})
     assert str(info.value) == ("forward: RuntimeError: Could not run 'quantized::linear_dynamic' with arguments "
                                "from the 'CUDA' backend. This could be because the operator doesn't exist for "
                                "this backend ...")
 
-    def no_loader(*a):
+    def no_loader(*a, **k):
         raise NotImplementedError("int4 weight-only needs CUDA")
 
     monkeypatch.setattr(optforge.artifacts, "load_runnable", no_loader)
@@ -84,7 +84,7 @@ def test_other_errors_propagate(tiny_teacher, toy_data, run_stage, tmp_path, mon
     import optforge.artifacts
 
     exc = TypeError("forward() got an unexpected keyword argument 'token_type_ids'")
-    monkeypatch.setattr(optforge.artifacts, "load_runnable", lambda *a: _failing_runnable(tiny_teacher, exc))
+    monkeypatch.setattr(optforge.artifacts, "load_runnable", lambda *a, **k: _failing_runnable(tiny_teacher, exc))
     with pytest.raises(TypeError, match="unexpected keyword"):
         run_stage("evaluate", {}, tmp_path, {"model": tiny_teacher[0], "data": toy_data[0]})
 
