@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
                       model_validator)
 
-from optforge.errors import RecipeError
+from optforge.errors import RecipeError, shown
 from optforge.methods import compile as compile_methods
 from optforge.methods import quantize as quant_methods
 
@@ -107,7 +107,7 @@ class FromTeacherSpec(Strict):
         if any(i < 0 for i in v):
             raise ValueError("layer indices must be >= 0")
         if len(set(v)) != len(v):
-            raise ValueError(f"layer indices must be unique, got {v}")
+            raise ValueError(f"layer indices must be unique, got {shown(v)}")
         return sorted(v)
 
 
@@ -236,7 +236,7 @@ class ConfigSpec(Strict):
     @classmethod
     def _devices(cls, v):
         if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"devices must be unique, got {v}")
+            raise ValueError(f"devices must be unique, got {shown(v)}")
         return v
 
     def runs_on(self, device: str) -> bool:
@@ -257,9 +257,9 @@ class BenchmarkSpec(Strict):
     @classmethod
     def _batches(cls, v):
         if any(b < 1 or b > 65536 for b in v):
-            raise ValueError(f"batch sizes must be in 1..65536, got {v}")
+            raise ValueError(f"batch sizes must be in 1..65536, got {shown(v)}")
         if len(set(v)) != len(v):
-            raise ValueError(f"batch sizes must be unique, got {v}")
+            raise ValueError(f"batch sizes must be unique, got {shown(v)}")
         return sorted(v)
 
 
@@ -291,7 +291,7 @@ class ServeBenchmarkSpec(Strict):
     @classmethod
     def _rates(cls, v):
         if any(r <= 0 for r in v):
-            raise ValueError(f"request rates must be > 0, got {v}")
+            raise ValueError(f"request rates must be > 0, got {shown(v)}")
         return sorted(v)
 
 
@@ -319,7 +319,7 @@ class DeviceOverrides(Strict):
         if v is None or v is False or isinstance(v, dict):
             return v
         raise ValueError(f"give a mapping of serve_benchmark keys to change, or false to turn the serving "
-                         f"benchmark off on this device, got {v!r}")
+                         f"benchmark off on this device, got {shown(v)}")
 
 
 class OverridesSpec(Strict):
@@ -522,7 +522,7 @@ def _not_on_device(recipe: Recipe, name: str, device: str, known: list[str], fix
 def _unknown(what: str, value: str, known: list[str]) -> str:
     import difflib
 
-    msg = f"unknown {what} {value!r}"
+    msg = f"unknown {what} {shown(value)}"
     close = difflib.get_close_matches(value, known, n=1)
     if close:
         msg += f"; did you mean {close[0]!r}?"

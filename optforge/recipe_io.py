@@ -11,14 +11,17 @@ import difflib
 import re
 import types
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from optforge.errors import RecipeError
+from optforge.errors import RecipeError, shown
 from optforge.recipe import PartialOf, Recipe, RecipeCheckErrors
+
+MAX_ERRORS_SHOWN = 50  # located lines printed for one recipe
 
 
 class RecipeErrors(RecipeError):
@@ -31,7 +34,11 @@ class RecipeErrors(RecipeError):
         self.errors = errors
 
     def lines(self) -> list[str]:
-        return [e.located() for e in self.errors]
+        """Every located line, up to MAX_ERRORS_SHOWN, then one line counting the rest."""
+        shown_errors = self.errors[:MAX_ERRORS_SHOWN]
+        rest = len(self.errors) - len(shown_errors)
+        more = [RecipeError(f"{rest} more errors not shown", (), self.file).located()] if rest else []
+        return [e.located() for e in shown_errors] + more
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -105,9 +112,7 @@ def locate(root: yaml.Node, path: tuple, want: str = "value") -> tuple[int, int]
     for part in path:
         found = None
         if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    found = (k, v)
+            found = _keys(node).get(str(part))
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
             found = (None, node.value[part])
         if found is None:
@@ -117,6 +122,17 @@ def locate(root: yaml.Node, path: tuple, want: str = "value") -> tuple[int, int]
     if key_node is not None and (want == "key" or _is_block(node)):
         return _pos(key_node)  # a whole block section is best named by its key's line
     return _pos(node)
+
+
+_KEYS: "weakref.WeakKeyDictionary[yaml.MappingNode, dict]" = weakref.WeakKeyDictionary()
+
+
+def _keys(node: yaml.MappingNode) -> dict:
+    """key text -> (key node, value node) of a mapping, the last one written winning (as after a merge);
+    kept per node, so locating every error of a recipe stays linear in its size."""
+    if node not in _KEYS:
+        _KEYS[node] = {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+    return _KEYS[node]
 
 
 def _is_block(node: yaml.Node) -> bool:
@@ -154,7 +170,7 @@ def _show(value) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return shown(value)
 
 
 def _message(err: dict) -> str:
@@ -162,7 +178,7 @@ def _message(err: dict) -> str:
     if kind == "extra_forbidden":
         model = model_at(loc[:-1])
         valid = list(model.model_fields) if model else []
-        out = f"unknown key {loc[-1]!r}"
+        out = f"unknown key {shown(loc[-1])}"
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         if close:
             out += f"; did you mean {close[0]!r}?"

