@@ -8,7 +8,9 @@ an unknown key points at the key, a bad value at the value, a missing key at the
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 import types
 import typing
 import weakref
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from optforge.errors import RecipeError, shown
 from optforge.recipe import PartialOf, Recipe, RecipeCheckErrors
 
+MAX_RECIPE_BYTES = 1 << 20  # said as "1 MiB" in messages; a recipe is a few KB
 MAX_ERRORS_SHOWN = 50  # located lines printed for one recipe
 
 
@@ -39,6 +42,47 @@ class RecipeErrors(RecipeError):
         rest = len(self.errors) - len(shown_errors)
         more = [RecipeError(f"{rest} more errors not shown", (), self.file).located()] if rest else []
         return [e.located() for e in shown_errors] + more
+
+
+# --------------------------------------------------------------------------- reading the file
+
+
+def read_recipe(path: Path, display: str) -> str:
+    """The text of a recipe file: a regular file (not a FIFO, a device or a directory, which could block
+    or never end) of at most MAX_RECIPE_BYTES, in UTF-8. Anything else is a RecipeError for the file."""
+
+    def refuse(message: str) -> RecipeError:
+        return RecipeError(message, (), display)
+
+    raw = b""
+    try:
+        before = os.stat(path)  # a device is never opened: opening one can block or act
+        if stat.S_ISREG(before.st_mode) and before.st_size <= MAX_RECIPE_BYTES:
+            # O_NONBLOCK: should a FIFO take the file's place after the stat, the open does not wait
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            with open(fd, "rb") as f:
+                before = os.fstat(fd)
+                raw = f.read(MAX_RECIPE_BYTES + 1) if stat.S_ISREG(before.st_mode) else b""
+    except FileNotFoundError:
+        raise refuse(f"recipe file not found: {path}") from None
+    except OSError as e:
+        raise refuse(f"cannot read recipe: {e.strerror or e}") from None
+    if not stat.S_ISREG(before.st_mode):
+        raise refuse(f"not a regular file ({_file_kind(before.st_mode)}); a recipe is a YAML file")
+    if before.st_size > MAX_RECIPE_BYTES or len(raw) > MAX_RECIPE_BYTES:
+        size = max(before.st_size, len(raw))
+        raise refuse(f"the recipe file is {size / (1 << 20):.1f} MiB; the limit is 1 MiB (a recipe is a few KB "
+                     f"of YAML)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise refuse(f"cannot read recipe: {e}") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -82,12 +126,7 @@ def _pos(node: yaml.Node) -> tuple[int, int]:
 def load_yaml(path: Path, display: str | None = None):
     """(data, root node). YAML syntax errors become located RecipeErrors."""
     display = display or str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}", (), display) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe: {e}", (), display) from None
+    text = read_recipe(Path(path), display)
     loader = RecipeLoader(text, display)
     try:
         data = loader.load_document()

@@ -81,6 +81,33 @@ def recipe(optforge_env):
 # --------------------------------------------------------------------------- read limits
 
 
+def test_a_fifo_is_refused_without_waiting_for_a_writer(cli, optforge_env):
+    path = optforge_env.root / "r.yaml"
+    os.mkfifo(path)
+    m = refused(cli("validate", path, fake=False, timeout=60, preexec_fn=bounded), path)
+    assert m.group(1) is None and "not a regular file" in m.group(3) and "FIFO" in m.group(3)
+
+
+def test_a_symlink_to_dev_zero_is_refused_in_bounded_memory(cli, optforge_env):
+    path = optforge_env.root / "r.yaml"
+    path.symlink_to("/dev/zero")
+    m = refused(cli("validate", path, fake=False, timeout=60, preexec_fn=bounded), path)
+    assert m.group(1) is None and "not a regular file" in m.group(3)
+
+
+def test_a_directory_is_refused(optforge_env):
+    path = optforge_env.root / "r.yaml"
+    path.mkdir()
+    m = one_error(path)
+    assert m.group(1) is None and "not a regular file (a directory)" in m.group(3)
+
+
+def test_a_file_over_the_size_cap_is_refused_unread(cli, recipe):
+    path = recipe(GOOD + "x: [" + "0, " * (25 << 20) + "0]\n")  # 75 MB
+    m = refused(cli("validate", path, fake=False, timeout=60, preexec_fn=bounded), path)
+    assert m.group(1) is None and "limit is 1 MiB" in m.group(3)
+
+
 @pytest.mark.parametrize("where", ["name", "key", "reference"])
 def test_a_huge_value_is_not_echoed_whole(recipe, where):
     big = "x" * 900_000
