@@ -78,6 +78,69 @@ def recipe(optforge_env):
     return write
 
 
+# --------------------------------------------------------------------------- aliases
+
+
+def alias_bomb(levels: int = 9) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return GOOD + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "build"])
+def test_an_alias_bomb_is_refused_in_bounded_time_and_memory(cli, recipe, command):
+    path = recipe(alias_bomb())
+    assert len(path.read_bytes()) < 2000
+    m = refused(cli(command, path, fake=False, timeout=60, preexec_fn=bounded), path)
+    assert "aliases" in m.group(3) and "10000" in m.group(3), m.group(0)
+    assert int(m.group(1)) > GOOD.count("\n")  # at the alias that crossed the cap, not at the top
+
+
+def test_a_recursive_alias_is_one_located_line(recipe):
+    m = one_error(recipe(GOOD + "x: &x [1, *x]\n"))
+    assert int(m.group(1)) == GOOD.count("\n") + 1
+
+
+def test_a_duplicate_key_under_shared_aliases_is_found_once_and_located(recipe):
+    # a mapping used through 8 aliases: its duplicate key is named where it is written
+    text = GOOD.replace("distill: {temperature: 4.0}\n", "distill: &d\n  temperature: 4.0\n  temperature: 2.0\n")
+    path = recipe(text + "x: [" + ", ".join(["*d"] * 8) + "]\n")
+    m = one_error(path)
+    assert m.group(1) == "10" and m.group(3).startswith("distill.temperature: duplicate key 'temperature'")
+
+
+def test_aliases_under_the_cap_still_work(recipe, monkeypatch, optforge_env):
+    path = recipe(GOOD.replace("distill: {temperature: 4.0}", "distill: &d {temperature: 2.0}")
+                  .replace("configs:", "configs: &rows").replace("data: {", "data: &data {"))
+    assert load_recipe(path).recipe.distill.temperature == 2.0
+
+
+# --------------------------------------------------------------------------- what used to be tracebacks
+
+
+def test_deep_nesting_is_one_located_line(recipe):
+    m = one_error(recipe(GOOD + "x: " + "[" * 600 + "]" * 600 + "\n"))
+    assert m.group(1) == str(GOOD.count("\n") + 1) and "nested deeper than 64 levels" in m.group(3)
+
+
+def test_deep_block_nesting_is_one_located_line(recipe):
+    deep = "".join(f"{'  ' * i}k{i}:\n" for i in range(700)) + "  " * 700 + "v\n"
+    m = one_error(recipe(GOOD + "x:\n" + "\n".join("  " + ln for ln in deep.splitlines()) + "\n"))
+    assert "nested deeper than 64 levels" in m.group(3)
+
+
+def test_a_5000_digit_integer_is_one_located_line(recipe):
+    m = one_error(recipe(GOOD.replace("max_train_samples: 64", "max_train_samples: " + "9" * 5000)))
+    assert (m.group(1), m.group(2)) == ("2", "42")
+    assert m.group(3).startswith("data.max_train_samples: an integer of 5000 digits")
+    assert len(m.group(0)) < 300
+
+
+def test_a_nul_byte_is_one_located_line(recipe):
+    m = one_error(recipe(GOOD.replace("name: demo", "name: de\0mo").encode()))
+    assert (m.group(1), m.group(2)) == ("1", "9") and "#x0000" in m.group(3)
+
+
 # --------------------------------------------------------------------------- read limits
 
 
@@ -108,6 +171,13 @@ def test_a_file_over_the_size_cap_is_refused_unread(cli, recipe):
     assert m.group(1) is None and "limit is 1 MiB" in m.group(3)
 
 
+def test_a_list_just_under_the_size_cap_is_refused_in_bounded_time_and_memory(cli, recipe):
+    path = recipe(GOOD + "x: [" + "0," * 500_000 + "0]\n")
+    assert path.stat().st_size < 1 << 20
+    m = refused(cli("validate", path, fake=False, timeout=60, preexec_fn=bounded), path)
+    assert "more than 10000 values" in m.group(3)
+
+
 @pytest.mark.parametrize("where", ["name", "key", "reference"])
 def test_a_huge_value_is_not_echoed_whole(recipe, where):
     big = "x" * 900_000
@@ -126,3 +196,12 @@ def test_thousands_of_errors_print_fifty_lines_and_a_count(recipe):
     assert code == 2 and len(lines) == 51, len(lines)
     assert lines[0].startswith(f"{path}:12:1: error: unknown0: unknown key")
     assert lines[-1] == f"{path}: error: 2950 more errors not shown"
+
+
+# --------------------------------------------------------------------------- accepted, then failed late
+
+
+def test_yaml_1_2_core_numbers_still_read(recipe):
+    path = recipe(GOOD.replace("temperature: 4.0", "temperature: 4, lr: 5e-5, epochs: 1., batch_size: 016"))
+    distill = load_recipe(path).recipe.distill
+    assert (distill.temperature, distill.lr, distill.epochs, distill.batch_size) == (4.0, 5e-5, 1.0, 16)
