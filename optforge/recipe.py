@@ -26,9 +26,15 @@ QuantMethod = Literal[tuple(quant_methods.QUANT_METHODS)]
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored)."""
+    """Unknown keys are errors (a typo must never be silently ignored). Strict types: no value is coerced
+    into another type (`epochs: true` is not 1.0, `"64"` is not 64; an int is still a valid float), and
+    numbers are finite (results are JSON, and a gate of .inf can never pass)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# every random seed: what numpy and torch accept alike
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 # --------------------------------------------------------------------------- data
@@ -45,7 +51,7 @@ class DataSpec(Strict):
     max_length: int = Field(64, ge=8, le=512)
     max_train_samples: Optional[int] = Field(None, ge=2)
     max_eval_samples: Optional[int] = Field(None, ge=2)
-    seed: int = 0
+    seed: Seed = 0
 
 
 # --------------------------------------------------------------------------- models
@@ -59,7 +65,7 @@ class TrainSpec(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     warmup: float = Field(0.06, ge=0, lt=1)  # fraction of optimizer steps
     weight_decay: float = Field(0.01, ge=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     freeze_embeddings: bool = True  # word-embedding table: 30k x H; its AdamW update dominates CPU steps
 
 
@@ -70,7 +76,7 @@ class RandomInitSpec(Strict):
     hidden_size: int = Field(64, ge=8, le=4096)
     num_heads: int = Field(2, ge=1, le=64)
     intermediate_size: int = Field(128, ge=8, le=16384)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -251,7 +257,7 @@ class BenchmarkSpec(Strict):
     min_runs: int = Field(20, ge=3, le=100000)
     max_seconds: float = Field(3.0, gt=0, le=600)  # time box per (batch size, scope)
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("batch_sizes")
     @classmethod
@@ -285,7 +291,7 @@ class ServeBenchmarkSpec(Strict):
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
     duration_s: float = Field(4.0, gt=0, le=120)  # per offered rate
     max_requests: int = Field(2000, ge=10, le=100000)  # per offered rate
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("rates")
     @classmethod

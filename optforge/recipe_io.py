@@ -369,7 +369,7 @@ def _message(err: dict) -> str:
         close = difflib.get_close_matches(str(err.get("input")), options, n=1)
         return msg + (f"; did you mean {close[0]!r}?" if close else "")
     if kind.endswith("_type") or kind.startswith(("greater", "less", "string_", "too_", "int_", "float_",
-                                                  "bool_", "list_")):
+                                                  "bool_", "list_", "finite_")):
         msg += f", got {_show(err.get('input'))}"
     return msg
 

@@ -201,7 +201,47 @@ def test_thousands_of_errors_print_fifty_lines_and_a_count(recipe):
 # --------------------------------------------------------------------------- accepted, then failed late
 
 
+@pytest.mark.parametrize("section, key", [("gates", "min_speedup"), ("gates", "max_spread"),
+                                          ("serve_benchmark", "slo_p99_ms"), ("distill", "temperature")])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused(recipe, section, key, value):
+    text = GOOD.replace("distill: {temperature: 4.0}\n", "") + f"{section}: {{{key}: {value}}}\n"
+    m = one_error(recipe(text))
+    assert m.group(3).startswith(f"{section}.{key}: ") and "finite" in m.group(3), m.group(0)
+
+
+def test_slo_inf_was_a_traceback_in_plan(cli, recipe):
+    path = recipe(GOOD + "serve_benchmark: {slo_p99_ms: .inf}\n")
+    m = refused(cli("plan", path, fake=False, timeout=120), path)
+    assert m.group(3).startswith("serve_benchmark.slo_p99_ms:")
+
+
+@pytest.mark.parametrize("old, new, keypath, message", [
+    ("max_train_samples: 64", "max_length: 1:04", "data.max_length", "valid integer, got '1:04'"),
+    ("temperature: 4.0", "temperature: 4.0, epochs: true", "distill.epochs", "valid number, got True"),
+    ("temperature: 4.0", "temperature: 4.0, batch_size: false", "distill.batch_size", "valid integer, got False"),
+    ("temperature: 4.0", "temperature: 4.0, freeze_embeddings: yes", "distill.freeze_embeddings",
+     "valid boolean, got 'yes'"),
+])
+def test_yaml_1_1_surprises_are_refused(recipe, old, new, keypath, message):
+    m = one_error(recipe(GOOD.replace(old, new)))
+    assert m.group(3).startswith(keypath + ":") and message in m.group(3), m.group(0)
+
+
 def test_yaml_1_2_core_numbers_still_read(recipe):
     path = recipe(GOOD.replace("temperature: 4.0", "temperature: 4, lr: 5e-5, epochs: 1., batch_size: 016"))
     distill = load_recipe(path).recipe.distill
     assert (distill.temperature, distill.lr, distill.epochs, distill.batch_size) == (4.0, 5e-5, 1.0, 16)
+
+
+@pytest.mark.parametrize("where, path", [
+    ("data: {", "data.seed"), ("distill: {", "distill.seed"), ("config: {", "teacher.config.seed")])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "1" + "0" * 30])
+def test_seeds_are_bounded(recipe, where, path, seed):
+    m = one_error(recipe(GOOD.replace(where, f"{where}seed: {seed}, ")))
+    assert m.group(3).startswith(path + ":"), m.group(0)
+
+
+def test_the_largest_seed_is_accepted(recipe):
+    loaded = load_recipe(recipe(GOOD.replace("data: {", f"data: {{seed: {2**32 - 1}, ")))
+    assert loaded.recipe.data.seed == 2**32 - 1
