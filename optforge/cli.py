@@ -53,11 +53,14 @@ def main():
 def validate(recipes):
     """Check recipes without running anything (schema, references, data files), for every device."""
     from optforge.recipe import DEVICES
-    from optforge.recipe_io import load_recipe
+    from optforge.recipe_io import load_recipe, remote_code_notice
 
     for recipe in recipes:
         loaded = load_recipe(recipe, recipe)
         n = {device: len(loaded.graph(device).nodes) for device in DEVICES}
+        notice = remote_code_notice(loaded)
+        if notice is not None:
+            click.echo(notice.located("warning"), err=True)
         click.echo(f"ok: {recipe} ({loaded.recipe.name}: {n['cpu']} stages on cpu, {n['cuda']} on cuda)")
 
 
@@ -96,11 +99,16 @@ def plan(recipe, as_json, verify, device):
 @click.option("--keep-going/--stop", default=False, show_default=True,
               help="After a crashing stage: build what does not depend on it, or stop.")
 @click.option("--wait", is_flag=True, help="Wait for another build of this recipe instead of failing.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a teacher with `trust_remote_code: true` run the Python code that comes with its model.")
 @user_errors
-def build(recipe, device, force, until, dry_run, keep_going, wait):
+def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code):
     """Run the stale stages, then render the report."""
+    from optforge.recipe_io import require_remote_code_trust
     from optforge.run import build as run_build
 
+    if not dry_run:  # a dry run loads no model
+        require_remote_code_trust(recipe, recipe, trusted=trust_remote_code)
     result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
                        keep_going=keep_going, wait=wait, display=recipe)
     sys.exit(result.exit_code)

@@ -495,6 +495,26 @@ def check_student_layers(loaded: LoadedRecipe) -> None:
                            f"numbered 0..{n - 1}", ("student", "from_teacher", "layers"))
 
 
+REMOTE_CODE_FLAG = "--trust-remote-code"
+
+
+def remote_code_notice(loaded: LoadedRecipe) -> Optional[RecipeError]:
+    """For a recipe whose teacher asks to run the Python code that comes with the model: the located
+    notice (`validate` prints it as a warning; a build without REMOTE_CODE_FLAG refuses with it)."""
+    if not loaded.recipe.teacher.trust_remote_code:
+        return None
+    return loaded.error(f"true runs the Python code that comes with the model, on this machine; build with "
+                        f"{REMOTE_CODE_FLAG} if you trust it", ("teacher", "trust_remote_code"))
+
+
+def require_remote_code_trust(path: Path | str, display: str | None = None, trusted: bool = False) -> None:
+    """Raises the located notice when the recipe at `path` runs its model's own code and `trusted` (the
+    CLI's REMOTE_CODE_FLAG) is not given."""
+    notice = None if trusted else remote_code_notice(load_recipe(path, display))
+    if notice is not None:
+        raise notice
+
+
 def load_and_check(path: Path | str, display: str | None = None, device: str = "cpu"):
     """What `validate` checks and what every other command starts from: (LoadedRecipe, the Graph a
     build on `device` runs). `loaded.recipe` is the whole recipe; `.for_device(device)` its view."""
@@ -503,4 +523,4 @@ def load_and_check(path: Path | str, display: str | None = None, device: str = "
 
 
 __all__ = ["RecipeLoader", "RecipeErrors", "LoadedRecipe", "load_yaml", "load_recipe", "load_and_check",
-           "locate", "model_at"]
+           "locate", "model_at", "remote_code_notice", "require_remote_code_trust"]
