@@ -22,6 +22,16 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                              show_default=True, help=DEVICE_HELP)
 
 
+def echo_error(e: OptforgeError) -> None:
+    """A user's error on stderr: every located line of a recipe's, else `error: ...`."""
+    if isinstance(e, RecipeError):
+        lines = e.lines() if hasattr(e, "lines") else [e.located()]
+    else:
+        lines = [f"error: {e}"]
+    for line in lines:
+        click.echo(line, err=True)
+
+
 def user_errors(fn):
     """OptforgeError -> its message on stderr (every located line for a multi-error recipe), exit 2."""
 
@@ -30,12 +40,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OptforgeError as e:
-            if isinstance(e, RecipeError):
-                lines = e.lines() if hasattr(e, "lines") else [e.located()]
-            else:
-                lines = [f"error: {e}"]
-            for line in lines:
-                click.echo(line, err=True)
+            echo_error(e)
             sys.exit(2)
 
     return wrapper
@@ -49,19 +54,27 @@ def main():
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True)
-@user_errors
 def validate(recipes):
-    """Check recipes without running anything (schema, references, data files), for every device."""
+    """Check recipes without running anything (schema, references, data files), for every device. Every
+    file is checked and gets its line; exit 2 if any failed."""
     from optforge.recipe import DEVICES
     from optforge.recipe_io import load_recipe, remote_code_notice
 
+    failed = False
     for recipe in recipes:
-        loaded = load_recipe(recipe, recipe)
-        n = {device: len(loaded.graph(device).nodes) for device in DEVICES}
+        try:
+            loaded = load_recipe(recipe, recipe)
+            n = {device: len(loaded.graph(device).nodes) for device in DEVICES}
+        except OptforgeError as e:
+            echo_error(e)
+            failed = True
+            continue
         notice = remote_code_notice(loaded)
         if notice is not None:
             click.echo(notice.located("warning"), err=True)
         click.echo(f"ok: {recipe} ({loaded.recipe.name}: {n['cpu']} stages on cpu, {n['cuda']} on cuda)")
+    if failed:
+        sys.exit(2)
 
 
 @main.command()
