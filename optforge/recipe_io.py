@@ -456,7 +456,8 @@ def _relocate(e: RecipeError, root: yaml.Node, display: str) -> RecipeError:
 
 def check_data_files(loaded: LoadedRecipe, graph) -> None:
     """Local data files must exist; the error points at `data.dataset` (folder missing) or at
-    `data.train` / `data.eval` (file missing)."""
+    `data.train` / `data.eval` (file missing), and names the file it looked for, never what else is in
+    the folder (which may be any folder: `dataset: ~/`)."""
     from optforge.graph import data_root
 
     data = loaded.recipe.data
@@ -466,12 +467,11 @@ def check_data_files(loaded: LoadedRecipe, graph) -> None:
             continue
         if not p.parent.is_dir():
             raise loaded.error(
-                f"dataset folder {data.dataset!r} not found (looked beside the recipe in {loaded.dir}, "
+                f"dataset folder {shown(data.dataset)} not found (looked beside the recipe in {loaded.dir}, "
                 f"in the current directory and under the data root {data_root()}); fix the path or set "
                 f"OPTFORGE_DATA_ROOT", ("data", "dataset"))
-        raise loaded.error(f"data file {getattr(data, role)!r} not found in {p.parent}"
-                           f" (files there: {', '.join(sorted(x.name for x in p.parent.iterdir())[:8]) or 'none'})",
-                           ("data", role))
+        problem = "is not a regular file" if p.exists() else "does not exist"
+        raise loaded.error(f"data file {shown(getattr(data, role))} not found: {p} {problem}", ("data", role))
 
 
 def check_student_layers(loaded: LoadedRecipe) -> None:

@@ -283,3 +283,16 @@ def test_student_layers_of_an_hf_teacher_use_the_local_cache_or_are_not_checked(
     (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
     m = one_error(path)
     assert "3 layers" in m.group(3) and "hf:org/tiny" in m.group(3), m.group(0)
+
+
+# --------------------------------------------------------------------------- data errors
+
+
+def test_a_missing_data_file_is_named_without_listing_its_folder(recipe, optforge_env):
+    folder = optforge_env.root / "home"
+    folder.mkdir()
+    (folder / ".bashrc").write_text("secret\n")
+    (folder / "notes.txt").write_text("secret\n")
+    m = one_error(recipe(GOOD.replace("dataset: sst2", f"dataset: {folder}")))
+    assert m.group(3).startswith("data.train: ") and str(folder / "train.tsv") in m.group(3)
+    assert ".bashrc" not in m.group(0) and "notes.txt" not in m.group(0)
