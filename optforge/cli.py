@@ -22,6 +22,16 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
                              show_default=True, help=DEVICE_HELP)
 
 
+def echo_error(e: OptforgeError) -> None:
+    """A user's error on stderr: every located line of a recipe's, else `error: ...`."""
+    if isinstance(e, RecipeError):
+        lines = e.lines() if hasattr(e, "lines") else [e.located()]
+    else:
+        lines = [f"error: {e}"]
+    for line in lines:
+        click.echo(line, err=True)
+
+
 def user_errors(fn):
     """OptforgeError -> its message on stderr (every located line for a multi-error recipe), exit 2."""
 
@@ -30,12 +40,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OptforgeError as e:
-            if isinstance(e, RecipeError):
-                lines = e.lines() if hasattr(e, "lines") else [e.located()]
-            else:
-                lines = [f"error: {e}"]
-            for line in lines:
-                click.echo(line, err=True)
+            echo_error(e)
             sys.exit(2)
 
     return wrapper
@@ -49,16 +54,27 @@ def main():
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True)
-@user_errors
 def validate(recipes):
-    """Check recipes without running anything (schema, references, data files), for every device."""
+    """Check recipes without running anything (schema, references, data files), for every device. Every
+    file is checked and gets its line; exit 2 if any failed."""
     from optforge.recipe import DEVICES
-    from optforge.recipe_io import load_recipe
+    from optforge.recipe_io import load_recipe, remote_code_notice
 
+    failed = False
     for recipe in recipes:
-        loaded = load_recipe(recipe, recipe)
-        n = {device: len(loaded.graph(device).nodes) for device in DEVICES}
+        try:
+            loaded = load_recipe(recipe, recipe)
+            n = {device: len(loaded.graph(device).nodes) for device in DEVICES}
+        except OptforgeError as e:
+            echo_error(e)
+            failed = True
+            continue
+        notice = remote_code_notice(loaded)
+        if notice is not None:
+            click.echo(notice.located("warning"), err=True)
         click.echo(f"ok: {recipe} ({loaded.recipe.name}: {n['cpu']} stages on cpu, {n['cuda']} on cuda)")
+    if failed:
+        sys.exit(2)
 
 
 @main.command()
@@ -96,11 +112,16 @@ def plan(recipe, as_json, verify, device):
 @click.option("--keep-going/--stop", default=False, show_default=True,
               help="After a crashing stage: build what does not depend on it, or stop.")
 @click.option("--wait", is_flag=True, help="Wait for another build of this recipe instead of failing.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a teacher with `trust_remote_code: true` run the Python code that comes with its model.")
 @user_errors
-def build(recipe, device, force, until, dry_run, keep_going, wait):
+def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code):
     """Run the stale stages, then render the report."""
+    from optforge.recipe_io import require_remote_code_trust
     from optforge.run import build as run_build
 
+    if not dry_run:  # a dry run loads no model
+        require_remote_code_trust(recipe, recipe, trusted=trust_remote_code)
     result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
                        keep_going=keep_going, wait=wait, display=recipe)
     sys.exit(result.exit_code)

@@ -27,13 +27,14 @@ class RecipeError(OptforgeError):
     def dotted(self) -> str:
         return format_path(self.path)
 
-    def located(self) -> str:
-        """`FILE:LINE:COL: error: <path>: message`, the first line the CLI prints."""
+    def located(self, severity: str = "error") -> str:
+        """`FILE:LINE:COL: error: <path>: message`, the first line the CLI prints. A message that quotes
+        a long value through something other than `shown` is still cut to MESSAGE_LIMIT."""
         where = self.file or "<recipe>"
         if self.line is not None:
             where += f":{self.line}:{self.col or 1}"
         what = f"{self.dotted}: {self.message}" if self.path else self.message
-        return f"{where}: error: {what}"
+        return f"{where}: {severity}: {clip(what, MESSAGE_LIMIT)}"
 
     def __str__(self) -> str:
         return self.located()
@@ -60,8 +61,25 @@ def format_path(path: tuple) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + clip(str(part), VALUE_LIMIT)
     return out
+
+
+# --------------------------------------------------------------------------- quoting what the user wrote
+
+VALUE_LIMIT = 80  # characters of a user's value (or key) an error message quotes
+MESSAGE_LIMIT = 1000  # characters of one error line after its location
+
+
+def clip(text: str, limit: "int | None") -> str:
+    """`text`, cut to `limit` characters (ending in "...") when longer; None: no limit. The one truncation
+    rule: a 2 MB value must not become a 2 MB error line."""
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value) -> str:
+    """A user's value as an error message quotes it: its repr, at most VALUE_LIMIT characters."""
+    return clip(repr(value), VALUE_LIMIT)
 
 
 # --------------------------------------------------------------------------- one rule for each of these
@@ -81,7 +99,7 @@ def one_line(error, limit: "int | None" = 200) -> str:
         msg = f"{type(error).__name__}: {msg}" if msg else type(error).__name__
     else:
         msg = " ".join(str(error or "").split())
-    return msg if limit is None or len(msg) <= limit else msg[: limit - 3] + "..."
+    return clip(msg, limit)
 
 
 class kernel_failure:

@@ -10,13 +10,12 @@ An artifact directory holds
 Structured pruning physically shrinks Linear layers, so config.json alone does not describe the model:
 `load_classifier` rebuilds every Linear from the shapes stored in model.safetensors (see `fit_to_state`).
 
-Model sources (`resolve_source`): "pkg:<python package>/<subdir>", "hf:<org/name>", or a local folder.
+Model sources: "pkg:<python package>/<subdir>", "hf:<org/name>", or a local folder (`optforge.model_source`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from optforge.errors import OptforgeError, one_line
+from optforge.errors import one_line
+from optforge.model_source import ModelSourceError, resolve_source  # noqa: F401 (re-exported)
 
 WEIGHTS = "model.safetensors"
 ENCODER_CONFIG = "config.json"
@@ -34,10 +34,6 @@ META = "optforge_model.json"
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 PRECISION_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-class ModelSourceError(OptforgeError):
-    """A model/tokenizer reference that cannot be resolved or loaded."""
 
 
 # --------------------------------------------------------------------------- the model
@@ -154,37 +150,6 @@ def _out_features(linear: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- source resolution
-
-
-def resolve_source(ref: str) -> tuple[str, str]:
-    """("path", folder) for pkg:/local references, ("hf", id) for hf: references."""
-    if ref.startswith("pkg:"):
-        spec = ref[4:]
-        package, _, sub = spec.partition("/")
-        if not package:
-            raise ModelSourceError(f"bad model reference {ref!r}: expected pkg:<python package>/<subdir>")
-        try:
-            found = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            found = None
-        if found is None or not found.submodule_search_locations:
-            dist = package.replace("_", "-")
-            raise ModelSourceError(f"model reference {ref!r}: Python package {package!r} is not installed "
-                                   f"(fix: pip install {dist})")
-        folder = Path(list(found.submodule_search_locations)[0]) / sub
-        if not folder.is_dir():
-            raise ModelSourceError(f"model reference {ref!r}: package {package!r} has no folder {sub!r} "
-                                   f"(looked in {folder})")
-        return "path", str(folder)
-    if ref.startswith("hf:"):
-        if not ref[3:]:
-            raise ModelSourceError(f"bad model reference {ref!r}: expected hf:<org/name>")
-        return "hf", ref[3:]
-    folder = Path(ref).expanduser()
-    if not folder.is_dir():
-        raise ModelSourceError(f"model reference {ref!r}: no such folder (use pkg:<package>/<subdir>, "
-                               f"hf:<org/name> or an existing directory)")
-    return "path", str(folder)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
                       model_validator)
 
-from optforge.errors import RecipeError
+from optforge.errors import RecipeError, shown
 from optforge.methods import compile as compile_methods
 from optforge.methods import quantize as quant_methods
 
@@ -26,9 +26,15 @@ QuantMethod = Literal[tuple(quant_methods.QUANT_METHODS)]
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored)."""
+    """Unknown keys are errors (a typo must never be silently ignored). Strict types: no value is coerced
+    into another type (`epochs: true` is not 1.0, `"64"` is not 64; an int is still a valid float), and
+    numbers are finite (results are JSON, and a gate of .inf can never pass)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# every random seed: what numpy and torch accept alike
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 # --------------------------------------------------------------------------- data
@@ -45,7 +51,7 @@ class DataSpec(Strict):
     max_length: int = Field(64, ge=8, le=512)
     max_train_samples: Optional[int] = Field(None, ge=2)
     max_eval_samples: Optional[int] = Field(None, ge=2)
-    seed: int = 0
+    seed: Seed = 0
 
 
 # --------------------------------------------------------------------------- models
@@ -59,7 +65,7 @@ class TrainSpec(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     warmup: float = Field(0.06, ge=0, lt=1)  # fraction of optimizer steps
     weight_decay: float = Field(0.01, ge=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     freeze_embeddings: bool = True  # word-embedding table: 30k x H; its AdamW update dominates CPU steps
 
 
@@ -70,7 +76,7 @@ class RandomInitSpec(Strict):
     hidden_size: int = Field(64, ge=8, le=4096)
     num_heads: int = Field(2, ge=1, le=64)
     intermediate_size: int = Field(128, ge=8, le=16384)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -107,7 +113,7 @@ class FromTeacherSpec(Strict):
         if any(i < 0 for i in v):
             raise ValueError("layer indices must be >= 0")
         if len(set(v)) != len(v):
-            raise ValueError(f"layer indices must be unique, got {v}")
+            raise ValueError(f"layer indices must be unique, got {shown(v)}")
         return sorted(v)
 
 
@@ -242,7 +248,7 @@ class ConfigSpec(Strict):
     @classmethod
     def _devices(cls, v):
         if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"devices must be unique, got {v}")
+            raise ValueError(f"devices must be unique, got {shown(v)}")
         return v
 
     def runs_on(self, device: str) -> bool:
@@ -257,15 +263,15 @@ class BenchmarkSpec(Strict):
     min_runs: int = Field(20, ge=3, le=100000)  # timed calls a stable figure wants; fewer in the box: "capped"
     max_seconds: float = Field(3.0, gt=0, le=600)  # time box per (batch size, scope), warm-up included
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("batch_sizes")
     @classmethod
     def _batches(cls, v):
         if any(b < 1 or b > 65536 for b in v):
-            raise ValueError(f"batch sizes must be in 1..65536, got {v}")
+            raise ValueError(f"batch sizes must be in 1..65536, got {shown(v)}")
         if len(set(v)) != len(v):
-            raise ValueError(f"batch sizes must be unique, got {v}")
+            raise ValueError(f"batch sizes must be unique, got {shown(v)}")
         return sorted(v)
 
 
@@ -291,13 +297,13 @@ class ServeBenchmarkSpec(Strict):
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
     duration_s: float = Field(4.0, gt=0, le=120)  # per offered rate
     max_requests: int = Field(2000, ge=10, le=100000)  # per offered rate
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("rates")
     @classmethod
     def _rates(cls, v):
         if any(r <= 0 for r in v):
-            raise ValueError(f"request rates must be > 0, got {v}")
+            raise ValueError(f"request rates must be > 0, got {shown(v)}")
         return sorted(v)
 
 
@@ -325,7 +331,7 @@ class DeviceOverrides(Strict):
         if v is None or v is False or isinstance(v, dict):
             return v
         raise ValueError(f"give a mapping of serve_benchmark keys to change, or false to turn the serving "
-                         f"benchmark off on this device, got {v!r}")
+                         f"benchmark off on this device, got {shown(v)}")
 
 
 class OverridesSpec(Strict):
@@ -528,7 +534,7 @@ def _not_on_device(recipe: Recipe, name: str, device: str, known: list[str], fix
 def _unknown(what: str, value: str, known: list[str]) -> str:
     import difflib
 
-    msg = f"unknown {what} {value!r}"
+    msg = f"unknown {what} {shown(value)}"
     close = difflib.get_close_matches(value, known, n=1)
     if close:
         msg += f"; did you mean {close[0]!r}?"

@@ -143,6 +143,32 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(cli, toy):
     assert "failed  teacher: RuntimeError: fake bug in teacher" in result.stdout
 
 
+def test_validate_checks_every_file_and_fails_if_any_did(toy):
+    bad1, missing, bad2 = (toy.parent / name for name in ("bad1.yaml", "gone.yaml", "bad2.yaml"))
+    bad1.write_text(toy.read_text().replace("temperature: 4.0", "temperature: hot"))
+    bad2.write_text(toy.read_text().replace("model: student}", "model: studnt}"))
+    result = CliRunner().invoke(main, ["validate", *map(str, (bad1, toy, missing, bad2))])
+    assert result.exit_code == 2
+    assert result.stdout.splitlines() == [f"ok: {toy} (toy: 20 stages on cpu, 20 on cuda)"]
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == [str(bad1), str(missing), str(bad2)]
+
+
+def test_trust_remote_code_needs_the_build_flag(cli, toy):
+    toy.write_text(toy.read_text().replace("  finetune:", "  trust_remote_code: true\n  finetune:"))
+    notice = ("teacher.trust_remote_code: true runs the Python code that comes with the model, on this machine; "
+              "build with --trust-remote-code if you trust it")
+    refused = cli("build", toy)
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [f"{toy}:6:22: error: {notice}"]
+    assert not toy.with_suffix(".lock").exists()  # nothing ran
+    assert cli("build", toy, "--dry-run").returncode == 0  # loads no model
+    built = cli("build", toy, "--trust-remote-code")
+    assert built.returncode == 0, built.stderr
+
+    validated = CliRunner().invoke(main, ["validate", str(toy)])  # accepted, with a warning
+    assert validated.exit_code == 0 and validated.stdout.startswith(f"ok: {toy}")
+    assert validated.stderr.splitlines() == [f"{toy}:6:22: warning: {notice}"]
+
+
 def test_gc_and_clean(toy):
     runner = CliRunner()
     assert runner.invoke(main, ["build", str(toy), "--device", "cpu"]).exit_code == 0
