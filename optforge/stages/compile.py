@@ -160,8 +160,10 @@ def aoti_in_child(src: Path, package: Path, device: str, precision: str, max_bat
 
     job = {"src": str(src), "package": str(package), "device": device, "precision": precision,
            "max_batch": max_batch, "max_length": max_length, "mode": mode, "quantized": quantized}
+    from optforge.procs import child_env
+
     proc = subprocess.run([sys.executable, "-m", "optforge.stages.compile", json.dumps(job)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=child_env())
     if proc.returncode == 0 and package.is_file():
         return None
     if proc.returncode < 0:
@@ -251,4 +253,7 @@ def _artifact_bytes(d: Path) -> int:
 if __name__ == "__main__":  # the AOTInductor child process (aoti_in_child)
     import sys
 
+    from optforge.procs import die_with_parent
+
+    die_with_parent()
     _aoti_child(json.loads(sys.argv[1]))
