@@ -197,9 +197,9 @@ def clean(recipe):
 @user_errors
 def serve(recipe, config, host, port, max_batch, max_wait_ms, device):
     """Serve a built configuration over HTTP: POST /predict, GET /healthz, GET /metrics."""
-    from optforge.serve.cli import serve_command
+    from optforge.serve.launch import serve_recipe
 
-    serve_command(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo)
+    serve_recipe(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo)
 
 
 if __name__ == "__main__":

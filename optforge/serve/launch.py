@@ -1,4 +1,5 @@
-"""`optforge serve RECIPE`: find a built configuration's artifact in the cache and serve it.
+"""Launch a server for a built configuration: what `optforge serve RECIPE` runs (the command itself is
+in optforge/cli.py).
 
 Nothing is built here: the artifact comes from the cache entry that the last build recorded for the
 configuration's model stage (quantize:<c> / compile:<c> / the model stage), found through the same
@@ -53,9 +54,9 @@ def best_config(session, plans, display: str) -> tuple[str, str]:
     return best, "the report's best ready configuration"
 
 
-def serve_command(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,
-                  max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
-                  max_queue: Optional[int] = None, echo: Callable[[str], None] = print) -> None:
+def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,
+                 max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
+                 max_queue: Optional[int] = None, echo: Callable[[str], None] = print) -> None:
     """Serve until interrupted (Ctrl-C)."""
     if max_batch < 1:
         raise OptforgeError(f"--max-batch must be >= 1, got {max_batch}")
