@@ -13,8 +13,9 @@ from optforge.graph import build_graph
 from optforge.recipe import ConfigSpec, Recipe
 from optforge.report import render_reports
 from optforge.report.compare import compare, load_previous, parse_markdown
-from optforge.report.results import assemble, gate_reasons
+from optforge.report.results import assemble
 from optforge.report.svg import pareto_front
+from optforge.report.verdict import gate_reasons
 
 HOSTILE = "<script>alert(1)</script>"
 NOW = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)

