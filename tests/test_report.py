@@ -424,3 +424,16 @@ def test_model_scope_speedup_when_end_to_end_is_off(tmp_path):
     assert stu["speedup"] == {"1": round(10 / 3, 4), "32": round(100 / 30, 4)}
     html = paths[1].read_text()
     assert "model p50 latency at batch 1" in html  # the chart falls back to the model scope
+
+
+def test_chart_axes_ticks_and_scales():
+    from optforge.report.chart import LEFT, TOP, Axes, linear_ticks, log_ticks, tick_label
+
+    assert linear_ticks(0.0, 10.0) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert linear_ticks(61.3, 64.9) == [62.0, 63.0, 64.0]  # span 3.6: 0.72 per interval -> a step of 1
+    assert linear_ticks(61.3, 63.1) == [61.5, 62.0, 62.5, 63.0]  # 0.36 -> 0.5
+    assert log_ticks(0.4, 300.0) == [0.5, 1, 2, 5, 10, 20, 50, 100, 200]
+    assert [tick_label(v) for v in (0.0123, 2.5, 150.0)] == ["0.0123", "2.5", "150"]
+    axes = Axes(380, (0.0, 10.0, False), (1.0, 100.0, True))
+    assert (axes.px(0.0), axes.px(10.0)) == (LEFT, LEFT + axes.pw)
+    assert (axes.py(100.0), axes.py(10.0), axes.py(1.0)) == (TOP, TOP + axes.ph / 2, TOP + axes.ph)
