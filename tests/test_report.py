@@ -437,3 +437,30 @@ def test_chart_axes_ticks_and_scales():
     axes = Axes(380, (0.0, 10.0, False), (1.0, 100.0, True))
     assert (axes.px(0.0), axes.px(10.0)) == (LEFT, LEFT + axes.pw)
     assert (axes.py(100.0), axes.py(10.0), axes.py(1.0)) == (TOP, TOP + axes.ph / 2, TOP + axes.ph)
+
+
+def test_templates_ship_in_the_package_and_reports_templates_overrides_them_file_by_file(tmp_path, monkeypatch):
+    import optforge.report
+    from optforge.report.templates import PACKAGED, search_path
+    from optforge.session import _renderer_stamp
+
+    monkeypatch.chdir(tmp_path)
+    assert PACKAGED == Path(optforge.report.__file__).resolve().parent / "templates"  # package data
+    assert sorted(p.name for p in PACKAGED.glob("*.j2")) == [
+        "_serving.html.j2", "_serving.md.j2", "report.html.j2", "report.md.j2"]
+    assert search_path() == [PACKAGED]
+    packaged_md = render(tmp_path, name="packaged")[0].read_text()
+
+    override = tmp_path / "reports" / "templates" / "report.md.j2"
+    override.parent.mkdir(parents=True)
+    override.write_text("{{ doc.recipe }}, as a user wrote it\n{% include '_serving.md.j2' %}")
+    assert search_path() == [Path("reports") / "templates", PACKAGED]
+    serving = {"status": "failed", "reason": "the server exited"}
+    paths = render(tmp_path, results=make_results() | {"serve_benchmark": serving | {"metrics": {}, "key": "k"}},
+                   name="overridden")
+    # the override replaces report.md.j2 only: the partial it includes and the HTML stay packaged
+    assert paths[0].read_text() == ("sst2-tiny, as a user wrote it\n## Serving\n\n"
+                                    "Serving benchmark failed: the server exited\n\n")
+    assert "Production readiness" in paths[1].read_text() and "Production readiness" in packaged_md
+    stamped = [Path(f) for f, _, _ in _renderer_stamp()]
+    assert Path("reports/templates/report.md.j2") in stamped and PACKAGED / "report.md.j2" in stamped

@@ -19,8 +19,8 @@ from optforge.report.notes import build_notes
 from optforge.report.results import assemble
 from optforge.report.serving import serving_view
 from optforge.report.svg import accuracy_latency_svg
+from optforge.report.templates import search_path
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "reports" / "templates"
 HEADLINE_VERSIONS = ("torch", "transformers", "torchao")
 
 
@@ -194,7 +194,7 @@ def _changes_view(ch: dict) -> dict:
 def _environments():
     import jinja2
 
-    loader = jinja2.FileSystemLoader(str(TEMPLATES))
+    loader = jinja2.FileSystemLoader([str(d) for d in search_path()])
     md = jinja2.Environment(loader=loader, autoescape=False, keep_trailing_newline=True,
                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     md.filters["md"] = md_escape
