@@ -41,17 +41,23 @@ def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Pa
 
 
 def best_config(recipe, graph, results: dict, display: str) -> tuple[str, str]:
-    """(name, why) of the report's best ready configuration, from the stage `results` the report reads."""
+    """(name, why) of the report's best ready configuration, from the stage `results` the report reads.
+    OptforgeError when none is ready: the row `--config` would serve anyway when one was built, "run
+    optforge build" only when none was."""
     from optforge.report.results import judged_rows
-    from optforge.report.verdict import pick_best
+    from optforge.serve.choose import choose_row
 
     rows = judged_rows(recipe, graph, results)
-    best = pick_best(rows)
-    if best is None:
-        verdicts = "; ".join(f"{r['name']}: {r['verdict']}" for r in rows)
-        raise OptforgeError(f"no configuration of {display} is ready to serve ({verdicts}); run optforge build "
-                            f"{display} first, or name one with --config NAME")
-    return best, "the report's best ready configuration"
+    row, _, fallback = choose_row(rows, recipe.baseline_config, recipe.gates)
+    if row is None and all(r["status"] == "missing" for r in rows):
+        raise OptforgeError(f"no configuration of {display} is built; run optforge build {display} first")
+    if row is None:
+        raise OptforgeError(f"no configuration of {display} was built successfully (its report says why); "
+                            "nothing to serve")
+    if fallback is not None:
+        raise OptforgeError(f"no configuration of {display} passed the gates (its report gives each row's "
+                            f"verdict); --config {row['name']} serves {fallback} anyway")
+    return row["name"], "the report's best ready configuration"
 
 
 def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,

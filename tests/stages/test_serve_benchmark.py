@@ -22,6 +22,7 @@ import yaml
 from optforge.errors import StageFailure
 from optforge.recipe import GatesSpec
 from optforge.serve.choose import choose_config, verdict_rows
+from optforge_testing import shared_data_root
 from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,11 +176,9 @@ def test_a_server_that_cannot_start_is_a_stage_failure(tmp_path, run_stage, toy_
 # --------------------------------------------------------------------------- end to end on the tiny recipe
 
 TINY = REPO / "recipes" / "tiny.yaml"
-DATA = Path(os.environ.get("OPTFORGE_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+DATA = shared_data_root()
 
 
-@pytest.mark.skipif(not TINY.is_file(), reason="recipes/tiny.yaml not written yet")
-@pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
 def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
     recipe = yaml.safe_load(TINY.read_text())
     # trimmed to three rows (a float baseline, a float student, a quantized student) so the build is short
@@ -189,6 +188,7 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
     recipe["quantize"] = [q for q in recipe["quantize"] if any(c.get("quantize") == q["name"]
                                                                for c in recipe["configs"])]
     recipe["name"] = "tiny-serve"
+    recipe["gates"] = {"min_speedup": 1000}  # no row can pass: "best" falls back, and `optforge serve` says so
     recipe["serve_benchmark"] = {"config": "best", "slo_p99_ms": 50, "rates": [10, 30], "max_batch": 8,
                                  "max_wait_ms": 2, "duration_s": 0.5, "max_requests": 15}
     path = tmp_path / "tiny-serve.yaml"
@@ -208,17 +208,23 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
     check_serving(serving, serving["config"], [10.0, 30.0], 8)
     assert serving["config"] in keep and serving["choice"]["requested"] == "best"
 
+    assert serving["choice"]["why"].startswith("no configuration is ready")
     doc = json.loads((tmp_path / "reports" / "tiny-serve" / "results.json").read_text())
-    if "serving" in doc:  # once the report assembles it (optforge/report/serving.py)
-        assert doc["serving"]["config"] == serving["config"]
-        md = (tmp_path / "reports" / "tiny-serve" / "report.md").read_text()
-        assert "## Serving" in md and "batching on" in md
+    assert doc["serving"]["config"] == serving["config"] and doc["best"] is None
+    md = (tmp_path / "reports" / "tiny-serve" / "report.md").read_text()
+    assert "## Serving" in md and "batching on" in md
 
     again = subprocess.run([sys.executable, "-m", "optforge.cli", "build", str(path), "--device", "cpu"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
 
-    # `optforge serve` on what was built: the config the stage chose, then a name that does not exist
+    # `optforge serve` on what was built: no row passed the gates, so it names the row the stage chose
+    fallback = subprocess.run([sys.executable, "-m", "optforge.cli", "serve", str(path), "--port", "0"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert fallback.returncode == 2 and fallback.stderr == (
+        f"error: no configuration of {path} passed the gates (its report gives each row's verdict); "
+        f"--config {serving['config']} serves the fastest one within the accuracy gate anyway\n"), fallback.stderr
+    # ...which it serves when named; then a name that does not exist
     with serve_cli(path, "--config", serving["config"], cwd=tmp_path, env=env) as port:
         status, body = http(port, "GET", "/healthz")
         assert status == 200 and json.loads(body)["config"] == serving["config"]
@@ -229,8 +235,6 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
     assert bad.returncode == 2 and "did you mean 'student'" in bad.stderr, bad.stderr
 
 
-@pytest.mark.skipif(not TINY.is_file(), reason="recipes/tiny.yaml not written yet")
-@pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
 def test_serve_before_build_says_so(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.read_text())
@@ -239,8 +243,10 @@ def test_serve_before_build_says_so(tmp_path):
         r = subprocess.run([sys.executable, "-m", "optforge.cli", "serve", str(path), "--config", config,
                             "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stdout + r.stderr
-        assert "not built" in r.stderr or "is ready" in r.stderr, r.stderr
-        assert f"run optforge build {path} first" in r.stderr, r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].endswith(f"; run optforge build {path} first"), r.stderr
+        assert lines[0].startswith(f"error: no configuration of {path} is built" if config == "best"
+                                   else f"error: config {config!r} is not built ("), r.stderr
 
 
 @contextlib.contextmanager
