@@ -43,8 +43,14 @@ def user_errors(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="optforge")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Also show the warnings third-party libraries print when imported (torchao's optional "
+                   "CUDA kernels that did not load, torch deprecations); hidden by default.")
+def main(verbose):
     """optforge: a make-style build that turns a trained model into a small, fast one."""
+    from optforge.quiet import quiet_imports
+
+    quiet_imports(verbose)
 
 
 @main.command()

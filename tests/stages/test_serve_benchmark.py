@@ -198,6 +198,7 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ran     serve_benchmark" in result.stdout, result.stdout
+    assert "Failed to load" not in result.stderr and "is an Enum subclass" not in result.stderr  # quiet.py
 
     from optforge.cache import Cache
     from optforge.lockfile import read_lock
@@ -268,6 +269,7 @@ def serve_cli(recipe: Path, *args, cwd: Path, env: dict):
                     if m:
                         port = int(m.group(1))
         assert port is not None, "".join(seen)
+        assert not any("Failed to load" in line or "is an Enum subclass" in line for line in seen), "".join(seen)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the socket is bound before the app starts: wait for it
             try:
