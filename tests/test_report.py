@@ -299,13 +299,16 @@ def test_results_json_schema(tmp_path):
     doc = json.loads(render(tmp_path)[2].read_text())
     for key, typ in {"recipe": str, "recipe_hash": str, "device": str, "baseline": str, "configs": list}.items():
         assert isinstance(doc[key], typ), key
-    assert "best" in doc and (doc["best"] is None or isinstance(doc["best"], str))
+    assert doc["best"] is None  # no row of the example is ready
     assert [c["name"] for c in doc["configs"]] == [c["name"] for c in RECIPE["configs"]]
     for c in doc["configs"]:
         for key, typ in REQUIRED.items():
             assert isinstance(c[key], typ), (c["name"], key)
-        for key, typ in NULLABLE.items():
-            assert key in c and (c[key] is None or isinstance(c[key], typ)), (c["name"], key)
+        for key, typ in NULLABLE.items():  # null exactly where there is nothing to say
+            if (c["quantize_entry"] is None) if key == "quantization" else (c["status"] != "ok"):
+                assert c[key] is None, (c["name"], key)
+            else:
+                assert isinstance(c[key], typ), (c["name"], key)
         for key in ("latency_ms", "e2e_latency_ms"):
             for b, block in c[key].items():
                 assert b in ("1", "32") and isinstance(block["p50"], float) and isinstance(block["p99"], float)
