@@ -467,3 +467,34 @@ def test_templates_ship_in_the_package_and_reports_templates_overrides_them_file
     assert "Production readiness" in paths[1].read_text() and "Production readiness" in packaged_md
     stamped = [Path(f) for f, _, _ in _renderer_stamp()]
     assert Path("reports/templates/report.md.j2") in stamped and PACKAGED / "report.md.j2" in stamped
+
+
+@pytest.mark.parametrize("report", ["reports/sst2", "reports/sst2/cuda"])
+def test_the_committed_reports_are_what_their_results_json_renders(report, tmp_path):
+    """A committed report is a function of its results.json (and the recipe's prune settings): what
+    this code renders from it is the committed report, byte for byte, and every row's verdict is
+    what `verdict.judge` says of its numbers today."""
+    import re
+
+    import yaml
+
+    from optforge.recipe import GatesSpec
+    from optforge.report.render import write_reports
+    from optforge.report.verdict import judge, pick_best
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = repo / report
+    doc = json.loads((committed / "results.json").read_text(encoding="utf-8"))
+    gates = GatesSpec(**doc["gates"])
+    base = next(r for r in doc["configs"] if r["name"] == doc["baseline"])
+    for r in doc["configs"]:
+        assert {k: r[k] for k in judge(r, base, gates)} == judge(r, base, gates), r["name"]
+    assert pick_best(doc["configs"]) == doc["best"]
+
+    recipe = Recipe.model_validate(yaml.safe_load((repo / "recipes" / "sst2.yaml").read_text()))
+    prunes = {p.name: {"method": p.method, "model": p.model, "amount": p.amount} for p in recipe.prune}
+    html = (committed / "report.html").read_text(encoding="utf-8")
+    built = dt.datetime.strptime(re.search(r"Built (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", html).group(1),
+                                 "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
+    for path in write_reports(doc, prunes, tmp_path, now=built):
+        assert path.read_bytes() == (committed / path.name).read_bytes(), path.name
