@@ -48,8 +48,14 @@ def user_errors(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="optforge")
-def main():
+@click.option("--verbose", is_flag=True,
+              help="Also show the warnings third-party libraries print when imported (torchao's optional "
+                   "CUDA kernels that did not load, torch deprecations); hidden by default.")
+def main(verbose):
     """optforge: a make-style build that turns a trained model into a small, fast one."""
+    from optforge.quiet import quiet_imports
+
+    quiet_imports(verbose)
 
 
 @main.command()
@@ -235,9 +241,9 @@ def clean(recipe):
 @user_errors
 def serve(recipe, config, host, port, max_batch, max_wait_ms, device):
     """Serve a built configuration over HTTP: POST /predict, GET /healthz, GET /metrics."""
-    from optforge.serve.cli import serve_command
+    from optforge.serve.launch import serve_recipe
 
-    serve_command(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo)
+    serve_recipe(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ imports torch: stage runners do, and only when a stage actually runs.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 import time
@@ -104,14 +103,6 @@ def verify_all(session: Session, plans: list[StagePlan]) -> None:
                 p.status, p.reasons, p.entry = "stale", [f"output corrupted: {state.reason}"], state
 
 
-def _quiet_import_noise() -> None:
-    """Import-time chatter that says nothing about the user's build: torchao's optional CUDA kernels
-    failing to load on a CPU machine, torch's pytree deprecation notes about torchao's enums. Real
-    warnings from these libraries (ERROR and above) still show."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 class Executor:
     def __init__(self, session: Session, plans: list[StagePlan], selected: set[str], force: set[str],
                  keep_going: bool, echo: Callable[[str], None], log: Callable[[str], None], progress: bool):
@@ -181,7 +172,6 @@ class Executor:
         self._record(p, state)
 
     def _check_device(self) -> None:
-        _quiet_import_noise()
         if self.s.device == "cuda" and not self.device_checked:
             import torch  # only now: a stage is about to run and will import it anyway
 

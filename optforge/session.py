@@ -156,19 +156,20 @@ def report_dir(session: Session) -> Path:
 
 
 def _renderer_stamp() -> list:
-    """(file, size, mtime) of the renderer's code and templates: a changed template re-renders."""
+    """(file, size, mtime) of the renderer's code and of every template it can read (the packaged ones
+    and the working directory's overrides, `report.templates.search_path`): a changed one re-renders."""
     from importlib.util import find_spec
 
+    from optforge.report.templates import search_path
+
     spec = find_spec("optforge.report")
-    stamp = []
     roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    roots += [r.parent.parent / "reports" / "templates" for r in roots[:1]]
-    for root in roots:
-        if root.is_dir():
-            for f in sorted(root.rglob("*")):
-                if f.suffix in (".py", ".j2", ".html", ".css", ".md") and f.is_file():
-                    st = f.stat()
-                    stamp.append([str(f), st.st_size, st.st_mtime_ns])
+    files = {f for root in roots + search_path() if root.is_dir() for f in root.rglob("*")
+             if f.suffix in (".py", ".j2", ".html", ".css", ".md") and f.is_file()}
+    stamp = []
+    for f in sorted(files):
+        st = f.stat()
+        stamp.append([str(f), st.st_size, st.st_mtime_ns])
     return stamp
 
 

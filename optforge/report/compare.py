@@ -62,7 +62,7 @@ def _cells(line: str) -> list[str]:
 
 
 def parse_markdown(text: str, path: Path) -> dict:
-    """The rows of the production-readiness table of a report.md (see reports/templates/report.md.j2)."""
+    """The rows of the production-readiness table of a report.md (see report/templates/report.md.j2)."""
     lines = text.splitlines()
     for i, line in enumerate(lines):
         cells = _cells(line) if line.startswith("|") else []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from optforge.report import fmt
-from optforge.report.results import unstable_timing
+from optforge.report.verdict import unstable_timing
 
 GLUE_DOMINATES = 0.5  # end-to-end time outside the model forward, as a fraction
 

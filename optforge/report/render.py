@@ -19,8 +19,8 @@ from optforge.report.notes import build_notes
 from optforge.report.results import assemble
 from optforge.report.serving import serving_view
 from optforge.report.svg import accuracy_latency_svg
+from optforge.report.templates import search_path
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "reports" / "templates"
 HEADLINE_VERSIONS = ("torch", "transformers", "torchao")
 
 
@@ -194,7 +194,7 @@ def _changes_view(ch: dict) -> dict:
 def _environments():
     import jinja2
 
-    loader = jinja2.FileSystemLoader(str(TEMPLATES))
+    loader = jinja2.FileSystemLoader([str(d) for d in search_path()])
     md = jinja2.Environment(loader=loader, autoescape=False, keep_trailing_newline=True,
                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     md.filters["md"] = md_escape
@@ -217,10 +217,18 @@ def render_reports(recipe, recipe_path, graph, results: dict, env: dict, out_dir
         from optforge.graph import build_graph
 
         graph = build_graph(recipe)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     doc = assemble(recipe, graph, results, env, recipe_path)
     prunes = {p.name: {"method": p.method, "model": p.model, "amount": p.amount} for p in recipe.prune}
+    return write_reports(doc, prunes, out_dir, compare, now=now)
+
+
+def write_reports(doc: dict, prunes: dict, out_dir, compare=None, *,
+                  now: Optional[_dt.datetime] = None) -> list[Path]:
+    """Write out_dir/report.md, report.html and results.json of a results document -- the one
+    `render_reports` assembles, or a results.json read back (the same document gives the same
+    files); `prunes`: prune name -> {"method", "model", "amount"} of the recipe, for the notes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     notes = build_notes(doc, prunes)
     changes = None
     if compare is not None:

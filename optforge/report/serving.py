@@ -7,12 +7,12 @@ templates' `md` filter.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from markupsafe import Markup, escape
 
 from optforge.report import fmt
+from optforge.report.chart import LEFT, TOP, Axes, tick_label
 
 MODES = ("batching_off", "batching_on")
 MODE_LABEL = {"batching_off": "batching off", "batching_on": "batching on"}
@@ -93,36 +93,7 @@ def serving_view(serving: Optional[dict]) -> Optional[dict]:
 
 # --------------------------------------------------------------------------- SVG
 
-W, H = 760, 380
-LEFT, RIGHT, TOP, BOTTOM = 64, 170, 20, 52
-
-
-def _ticks_linear(lo: float, hi: float) -> list[float]:
-    raw = (hi - lo) / 5 or 1.0
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if raw <= m * mag)
-    start = math.ceil(lo / step - 1e-9) * step
-    out, t = [], start
-    while t <= hi + 1e-9 * step:
-        out.append(round(t, 10))
-        t += step
-    return out
-
-
-def _ticks_log(lo: float, hi: float) -> list[float]:
-    return [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-            for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
-
-
-def _label(v: float) -> str:
-    return f"{v:.0f}" if v >= 100 else f"{v:g}" if v >= 1 else f"{v:.3g}"
-
-
-def _scale(lo: float, hi: float, log: bool):
-    if log:
-        a, b = math.log10(lo), math.log10(hi)
-        return (lambda v: (math.log10(v) - a) / (b - a)), _ticks_log(lo, hi)
-    return (lambda v: (v - lo) / (hi - lo)), _ticks_linear(lo, hi)
+H = 380
 
 
 def latency_load_svg(serving: dict) -> Optional[Markup]:
@@ -147,32 +118,16 @@ def latency_load_svg(serving: dict) -> Optional[Markup]:
         y_lo, y_hi = max(min(ys), 1e-3) / 1.5, max(ys) * 1.5
     else:
         y_lo, y_hi = 0.0, max(ys) * 1.15
-    fx, xticks = _scale(x_lo, x_hi, x_log)
-    fy, yticks = _scale(y_lo, y_hi, y_log)
-    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    px = lambda v: LEFT + fx(v) * pw  # noqa: E731
-    py = lambda v: TOP + (1 - fy(v)) * ph  # noqa: E731
+    axes = Axes(H, (x_lo, x_hi, x_log), (y_lo, y_hi, y_log))
+    pw, px, py = axes.pw, axes.px, axes.py
 
-    config = escape(serving.get("config", ""))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
-           f'aria-label="latency versus offered load for {config}" class="chart">',
-           f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="#fff" stroke="#d0d7de"/>']
-    for t in xticks:
-        x = px(t)
-        out.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + ph}" stroke="#eaeef2"/>'
-                   f'<text x="{x:.1f}" y="{TOP + ph + 16}" text-anchor="middle" class="tick">{_label(t)}</text>')
-    for t in yticks:
-        y = py(t)
-        out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}" stroke="#eaeef2"/>'
-                   f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_label(t)}</text>')
-    out.append(f'<text x="{LEFT + pw / 2:.1f}" y="{H - 12}" text-anchor="middle" class="axis">offered load '
-               f'(requests/s{", log scale" if x_log else ""})</text>')
-    out.append(f'<text transform="translate(16 {TOP + ph / 2:.1f}) rotate(-90)" text-anchor="middle" '
-               f'class="axis">latency (ms{", log scale" if y_log else ""})</text>')
+    out = axes.frame(f"latency versus offered load for {escape(serving.get('config', ''))}",
+                     f"offered load (requests/s{', log scale' if x_log else ''})",
+                     f"latency (ms{', log scale' if y_log else ''})")
     ys_ = py(slo)
     out.append(f'<line x1="{LEFT}" y1="{ys_:.1f}" x2="{LEFT + pw}" y2="{ys_:.1f}" stroke="{COLORS["slo"]}" '
                f'stroke-width="1.5"/><text x="{LEFT + pw - 4}" y="{ys_ - 5:.1f}" text-anchor="end" class="tick" '
-               f'style="fill:{COLORS["slo"]}">SLO p99 {escape(_label(slo))} ms</text>')
+               f'style="fill:{COLORS["slo"]}">SLO p99 {escape(tick_label(slo))} ms</text>')
     for mode, runs in series.items():
         if not runs:
             continue

@@ -6,15 +6,14 @@ can be inlined into the HTML as Markup.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from markupsafe import Markup, escape
 
 from optforge.report import fmt
+from optforge.report.chart import LEFT, TOP, W, Axes
 
-W, H = 760, 420
-LEFT, RIGHT, TOP, BOTTOM = 64, 170, 20, 52
+H = 420
 CHAR_W, LINE_H = 6.6, 13  # label size estimate at 11px for collision avoidance
 
 COLORS = {"ready": "#1a7f37", "baseline": "#0969da", "other": "#bf8700", "front": "#8250df"}
@@ -29,43 +28,6 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
         if not dominated:
             front.append(name)
     return front
-
-
-def _nice_step(span: float, target: int = 5) -> float:
-    raw = span / target
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
-
-
-def _linear_ticks(lo: float, hi: float) -> list[float]:
-    step = _nice_step(hi - lo)
-    start = math.ceil(lo / step - 1e-9) * step
-    ticks, t = [], start
-    while t <= hi + 1e-9 * step:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    ticks = []
-    for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        for m in (1, 2, 5):
-            v = m * 10 ** e
-            if lo <= v <= hi:
-                ticks.append(v)
-    return ticks
-
-
-def _tick_label(v: float) -> str:
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 1:
-        return f"{v:g}"
-    return f"{v:.3g}"
 
 
 def accuracy_latency_svg(rows: list[dict], batch: str) -> Optional[Markup]:
@@ -87,36 +49,17 @@ def accuracy_latency_svg(rows: list[dict], batch: str) -> Optional[Markup]:
     log = max(xs) / min(xs) > 10
     if log:
         x_lo, x_hi = min(xs) / 1.3, max(xs) * 1.3
-        fx = lambda v: (math.log10(v) - math.log10(x_lo)) / (math.log10(x_hi) - math.log10(x_lo))  # noqa: E731
-        xticks = _log_ticks(x_lo, x_hi)
     else:
         span = max(xs) - min(xs) or max(xs) * 0.2 or 1.0
         x_lo, x_hi = max(min(xs) - 0.15 * span, 0.0), max(xs) + 0.15 * span
-        fx = lambda v: (v - x_lo) / (x_hi - x_lo)  # noqa: E731
-        xticks = _linear_ticks(x_lo, x_hi)
     yspan = max(ys) - min(ys) or 2.0
     y_lo, y_hi = min(ys) - 0.15 * yspan, min(max(ys) + 0.15 * yspan, 100.0 + 0.02 * yspan)
-    fy = lambda v: (v - y_lo) / (y_hi - y_lo)  # noqa: E731
-    yticks = _linear_ticks(y_lo, y_hi)
-    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-    px = lambda v: LEFT + fx(v) * pw  # noqa: E731
-    py = lambda v: TOP + (1 - fy(v)) * ph  # noqa: E731
+    axes = Axes(H, (x_lo, x_hi, log), (y_lo, y_hi, False))
+    pw, px, py = axes.pw, axes.px, axes.py
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
-           f'role="img" aria-label="accuracy versus latency at batch {escape(batch)}" class="chart">',
-           f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="#fff" stroke="#d0d7de"/>']
-    for t in xticks:
-        x = px(t)
-        out.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + ph}" stroke="#eaeef2"/>'
-                   f'<text x="{x:.1f}" y="{TOP + ph + 16}" text-anchor="middle" class="tick">{_tick_label(t)}</text>')
-    for t in yticks:
-        y = py(t)
-        out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}" stroke="#eaeef2"/>'
-                   f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{t:g}</text>')
     xlabel = f"{scope} p50 latency at batch {escape(batch)} (ms{', log scale' if log else ''})"
-    out.append(f'<text x="{LEFT + pw / 2:.1f}" y="{H - 12}" text-anchor="middle" class="axis">{xlabel}</text>')
-    out.append(f'<text transform="translate(16 {TOP + ph / 2:.1f}) rotate(-90)" text-anchor="middle" '
-               f'class="axis">accuracy (%)</text>')
+    out = axes.frame(f"accuracy versus latency at batch {escape(batch)}", xlabel, "accuracy (%)",
+                     y_tick=lambda t: f"{t:g}")
 
     fpts = sorted(((x, y) for n, x, y, _ in pts if n in front))
     if len(fpts) > 1:

@@ -6,5 +6,6 @@
 - `app`: the Starlette app (`/predict`, `/healthz`, `/metrics`) around a batcher; input validation.
 - `server`: uvicorn on a loopback socket, in a thread or as `python -m optforge.serve.server`.
 - `loadgen`: an open-loop Poisson load generator with its own tiny HTTP/1.1 client (loopback only).
-- `cli`: `optforge serve` -- resolves a built configuration's artifact from the cache.
+- `choose`: which configuration "best" serves (the report's verdicts), for the command and the stage.
+- `launch`: what `optforge serve` runs -- resolves a built configuration's artifact from the cache.
 """

@@ -137,4 +137,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from optforge.procs import die_with_parent
+
+    die_with_parent()  # a SIGKILLed build takes its serving child with it
     sys.exit(main())

@@ -142,10 +142,12 @@ class ChildServer:
         self.log = tempfile.TemporaryFile(mode="w+")
 
     def __enter__(self):
+        from optforge.procs import child_env
+
         repo = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
-                                     text=True, env=env)
+                                     text=True, env=child_env(env))
         try:
             self.port = self._read_port()
             self.info = self._wait_healthy()

@@ -120,8 +120,6 @@ def test_numbers_are_sane(metrics):
             assert s["min"] <= s["p50"] <= s["max"]
             if s["pct_peak"] is not None:
                 assert 0 < s["pct_peak"] < 100
-        # end to end adds tokenization and glue to the same forward: it should not be much faster
-        assert entry["e2e"]["p50"] > 0.5 * entry["model"]["p50"]
         assert entry["seq_len"] >= 2 and entry["flops"] > 0
 
 

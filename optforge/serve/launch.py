@@ -1,8 +1,9 @@
-"""`optforge serve RECIPE`: find a built configuration's artifact in the cache and serve it.
+"""Launch a server for a built configuration: what `optforge serve RECIPE` runs (the command itself is
+in optforge/cli.py).
 
 Nothing is built here: the artifact comes from the cache entry that the last build recorded for the
 configuration's model stage (quantize:<c> / compile:<c> / the model stage), found through the same
-plan `optforge plan` prints. "best" is the report's best ready configuration.
+plan `optforge plan` prints. "best" is the report's best ready configuration (serve/choose.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Pa
     names = [c.name for c in recipe.configs]
     why = None
     if config == "best":
-        config, why = best_config(session, plans, display)
+        from optforge.session import stage_results
+
+        config, why = best_config(recipe, graph, stage_results(session, plans), display)
     elif config not in names:
         from optforge.recipe import _unknown
 
@@ -37,25 +40,29 @@ def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Pa
     return config, session.cache.entry_dir(p.key), precision, why
 
 
-def best_config(session, plans, display: str) -> tuple[str, str]:
-    from optforge.report import results as report_results
-    from optforge.session import stage_results
+def best_config(recipe, graph, results: dict, display: str) -> tuple[str, str]:
+    """(name, why) of the report's best ready configuration, from the stage `results` the report reads.
+    OptforgeError when none is ready: the row `--config` would serve anyway when one was built, "run
+    optforge build" only when none was."""
+    from optforge.report.results import judged_rows
+    from optforge.serve.choose import choose_row
 
-    recipe = session.recipe
-    rows = report_results.build_rows(recipe, session.graph, stage_results(session, plans))
-    report_results.add_comparisons(rows, recipe.baseline_config)
-    report_results.add_verdicts(rows, recipe.baseline_config, recipe.gates)
-    best = report_results.pick_best(rows)
-    if best is None:
-        verdicts = "; ".join(f"{r['name']}: {r['verdict']}" for r in rows)
-        raise OptforgeError(f"no configuration of {display} is ready to serve ({verdicts}); run optforge build "
-                            f"{display} first, or name one with --config NAME")
-    return best, "the report's best ready configuration"
+    rows = judged_rows(recipe, graph, results)
+    row, _, fallback = choose_row(rows, recipe.baseline_config, recipe.gates)
+    if row is None and all(r["status"] == "missing" for r in rows):
+        raise OptforgeError(f"no configuration of {display} is built; run optforge build {display} first")
+    if row is None:
+        raise OptforgeError(f"no configuration of {display} was built successfully (its report says why); "
+                            "nothing to serve")
+    if fallback is not None:
+        raise OptforgeError(f"no configuration of {display} passed the gates (its report gives each row's "
+                            f"verdict); --config {row['name']} serves {fallback} anyway")
+    return row["name"], "the report's best ready configuration"
 
 
-def serve_command(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,
-                  max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
-                  max_queue: Optional[int] = None, echo: Callable[[str], None] = print) -> None:
+def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,
+                 max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
+                 max_queue: Optional[int] = None, echo: Callable[[str], None] = print) -> None:
     """Serve until interrupted (Ctrl-C)."""
     if max_batch < 1:
         raise OptforgeError(f"--max-batch must be >= 1, got {max_batch}")
