@@ -12,8 +12,9 @@
 Both keep config.json/head.json (shapes, for FLOP counting) and tokenizer/. optforge_model.json:
 {"format", "mode", "compiled_mode", "cuda_graphs", "precision", "device", "max_batch", "max_length",
 "params", "nonzero_params", "inner_format", "warmup_shapes", "warmup_passes", "threads", ...}.
-Inductor's CPU code is keyed on the torch thread count: the loader compiles at the count recorded in
-"threads" (the compile stage's), whatever the caller's count, so a cached artifact is always a hit.
+Inductor's CPU code is keyed on the torch thread count, and Dynamo guards on it: a "compiled" artifact
+is loaded and run at the count recorded in "threads" (the compile stage's), whatever the caller's
+count, so its cached code is always a hit and never recompiled.
 """
 
 from __future__ import annotations
@@ -129,6 +130,29 @@ def compile_threads(meta: dict):
             torch.set_num_threads(old)
 
 
+class AtCompileThreads:
+    """Runs a torch.compile'd function at the thread count it was compiled at. Dynamo guards on global
+    state that includes torch's thread count, and Inductor's CPU code is keyed on it: called at another
+    count, the function would retrace and compile again (seen: an artifact compiled with OPTFORGE_THREADS=1
+    recompiled at the benchmark's 2 threads). Setting and restoring the count costs ~0.3 us a call."""
+
+    def __init__(self, fn, threads: int):
+        self.fn = fn
+        self.threads = int(threads)
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        old = torch.get_num_threads()
+        if old == self.threads:
+            return self.fn(input_ids, attention_mask)
+        torch.set_num_threads(self.threads)
+        try:
+            return self.fn(input_ids, attention_mask)
+        finally:
+            torch.set_num_threads(old)
+
+
 class AOTIRunnable(Runnable):
     """A Runnable around an AOTI package, which has no module to inspect: parameter counts come from
     optforge_model.json, FLOPs from a weightless (meta-device) skeleton with the saved Linear shapes."""
@@ -181,6 +205,8 @@ def load(artifact_dir, device: str, precision: str = "fp32") -> Runnable:
         if meta.get("cuda_graphs"):
             fn = graphed(fn.fn, tokenizer, device, meta["max_batch"], meta["max_length"])
             description += " + CUDA graphs"
+        elif meta.get("threads"):
+            fn = AtCompileThreads(fn, meta["threads"])
         return Runnable(fn, tokenizer, meta, device, precision=meta["precision"], module=model,
                         artifact_dir=artifact_dir, description=description)
     raise OptforgeError(f"{artifact_dir}: not a compiled artifact (format {meta['format']!r})")
