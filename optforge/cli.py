@@ -236,7 +236,7 @@ def clean(recipe):
 @click.option("--max-batch", type=int, default=32, show_default=True,
               help="Largest batch per forward pass (1: no batching).")
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
-              help="Longest a request waits for its batch to fill.")
+              help="Longest a request waits for its batch to fill (0..10000).")
 @device_option
 @user_errors
 def serve(recipe, config, host, port, max_batch, max_wait_ms, device):

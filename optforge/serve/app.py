@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from optforge.serve.batcher import BatchFailed, BatchFn, Closed, DynamicBatcher, Overloaded
 from optforge.serve.metrics import CONTENT_TYPE, ServerMetrics
+from optforge.serve.options import checked
 
 JSON_TYPE = "application/json"
 PHASES = ("queue", "tokenize", "forward", "postprocess", "serialize")
@@ -185,7 +186,9 @@ class _CountRequests:
 def create_app(run_batch: BatchFn, *, max_batch: int = 32, max_wait_ms: float = 5.0,
                max_queue: Optional[int] = None, limits: Limits = Limits(), info: Optional[dict] = None):
     """The ASGI app. `info` (config name, model description...) is shown by /healthz.
-    `max_queue` (texts waiting) defaults to max(256, 8 * max_batch)."""
+    `max_queue` (texts waiting) defaults to max(256, 8 * max_batch). An option out of its range
+    (serve/options.py: `max_wait_ms=inf`...) is a ValueError."""
+    max_wait_ms = checked("max_wait_ms", max_wait_ms)
     max_queue = max_queue if max_queue is not None else max(256, 8 * max_batch)
     if limits.max_texts > max_queue:
         limits = Limits(limits.max_body_bytes, limits.max_text_chars, max_queue)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from optforge.errors import OptforgeError
+from optforge.serve.options import checked
 
 
 def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Path, str, Optional[str]]:
@@ -66,8 +67,7 @@ def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", por
     """Serve until interrupted (Ctrl-C)."""
     if max_batch < 1:
         raise OptforgeError(f"--max-batch must be >= 1, got {max_batch}")
-    if max_wait_ms < 0:
-        raise OptforgeError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+    max_wait_ms = checked("max_wait_ms", max_wait_ms, flag=True)
     if not 0 <= port <= 65535:
         raise OptforgeError(f"--port must be in 0..65535, got {port}")
     from optforge.session import open_session

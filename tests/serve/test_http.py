@@ -316,3 +316,12 @@ def test_a_model_error_is_a_500_and_the_server_lives(gated):
     status, _, body = post(server.port, b'{"text": "boom"}')
     assert status == 500 and error_code(body) == "model_error" and "kernel exploded" in body.decode()
     assert post(server.port, b'{"text": "fine"}')[0] == 200
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -1.0, 10_001.0])
+def test_max_wait_ms_must_be_finite_and_bounded(value):
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        create_app(lambda texts: ([0] * len(texts), {}), max_wait_ms=value)
