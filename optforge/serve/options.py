@@ -1,5 +1,5 @@
 """The ranges of the server's numeric options, checked by one rule wherever they enter: the CLI (before
-anything loads) and `create_app`. A value outside its range -- `inf`, `nan`, negative, or
+anything loads), `create_app` and the server. A value outside its range -- `inf`, `nan`, negative, or
 absurdly large (a 10 s batching window is a hung request, not batching) -- is refused with a message
 that names the option: exit 2 from the CLI, a ValueError from Python. Pure.
 """
@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass
 
 from optforge.errors import OptforgeError
+
+DEFAULT_HEADER_TIMEOUT_S = 5.0  # a request head (a few hundred bytes) from connect or from its first byte
+DEFAULT_BODY_TIMEOUT_S = 10.0  # the whole body (at most Limits.max_body_bytes, 1 MiB by default)
 
 
 class ServeOptionError(OptforgeError, ValueError):
@@ -36,6 +39,9 @@ def _num(v: float) -> str:
 
 RANGES = {
     "max_wait_ms": Range(0, 10_000, "milliseconds"),
+    "header_timeout_s": Range(0, 3600, "seconds", above_lo=True),
+    "body_timeout_s": Range(0, 3600, "seconds", above_lo=True),
+    "max_connections": Range(1, 1_000_000, "", whole=True),
 }
 
 

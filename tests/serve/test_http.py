@@ -318,6 +318,43 @@ def test_a_model_error_is_a_500_and_the_server_lives(gated):
     assert post(server.port, b'{"text": "fine"}')[0] == 200
 
 
+# --------------------------------------------------------------------------- slow clients
+
+
+def predict_counts(port: int) -> dict[str, float]:
+    text = request(port, "GET", "/metrics")[2].decode()
+    return {lab["code"]: v for _, lab, v in parse_exposition(text)["optforge_requests_total"]
+            if lab["path"] == "/predict"}
+
+
+def raw_exchange(port: int, data: bytes, then_close: bool) -> bytes:
+    """Send `data` on a fresh connection; close at once, or read what the server answers until it closes."""
+    with socket.create_connection((LOOPBACK, port), timeout=TIMEOUT_S) as s:
+        s.sendall(data)
+        if then_close:
+            return b""
+        chunks = []
+        while len(chunks) < 100:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+HEAD = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+def test_a_body_that_stalls_is_answered_408_and_the_connection_closed(tiny_runnable):
+    app = create_app(batch_function(tiny_runnable), max_batch=2, limits=LIMITS, body_timeout_s=0.5)
+    with ServerThread(app) as server:
+        t0 = time.monotonic()
+        answer = raw_exchange(server.port, HEAD + b"Content-Length: 100\r\n\r\n" + b'{"text": "sta', False)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"body_timeout"' in answer, answer
+        assert time.monotonic() - t0 < TIMEOUT_S  # raw_exchange read until the server closed
+        wait_until(lambda: predict_counts(server.port).get("408") == 1, '/predict code="408" to count it')
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -325,3 +362,9 @@ def test_a_model_error_is_a_500_and_the_server_lives(gated):
 def test_max_wait_ms_must_be_finite_and_bounded(value):
     with pytest.raises(ValueError, match="max_wait_ms"):
         create_app(lambda texts: ([0] * len(texts), {}), max_wait_ms=value)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0.0, -1.0])
+def test_body_timeout_must_be_finite_and_positive(value):
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        create_app(lambda texts: ([0] * len(texts), {}), body_timeout_s=value)
