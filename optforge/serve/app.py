@@ -12,6 +12,9 @@ Response:  {"predictions": [{"label": int, "label_name": str, "probabilities": [
 Errors:    {"error": {"code": "...", "message": "..."}} with a 4xx status for bad input, 503 when the
            queue is full (with Retry-After), 500 when the model raised. No input can stop the server.
            A body that does not arrive within `body_timeout_s` is a 408 (and the connection closes).
+           A client that goes away before its answer is counted as 499 (nginx's "client closed
+           request"; nobody receives it), one whose body breaks HTTP framing as 400: client errors, not
+           500s, and no traceback in the log.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -35,6 +38,9 @@ from optforge.serve.metrics import CONTENT_TYPE, ServerMetrics
 from optforge.serve.options import DEFAULT_BODY_TIMEOUT_S, checked
 
 JSON_TYPE = "application/json"
+# scope["extensions"] key under which the server (serve/protocol.py) says a request's body broke HTTP
+# framing (a malformed chunk) before the app sees the connection close
+MALFORMED_BODY = "optforge.malformed_body"
 PHASES = ("queue", "tokenize", "forward", "postprocess", "serialize")
 
 
@@ -135,12 +141,19 @@ def parse_server_timing(header: str) -> dict[str, float]:
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The body, refusing (413) as soon as it is longer than `limit`: never buffers more than that; 408
-    (closing the connection: the rest may never come) when it has not all arrived within `timeout_s`."""
+    (closing the connection: the rest may never come) when it has not all arrived within `timeout_s`;
+    400 when it broke HTTP framing, 499 when the client went away first."""
     try:
         return await asyncio.wait_for(_read_body(request, limit), timeout_s)
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s",
                        headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        malformed = request.scope.get("extensions", {}).get(MALFORMED_BODY)
+        if malformed is not None:
+            raise ApiError(400, "malformed_body", f"the request body broke HTTP framing: {malformed}") from None
+        raise ApiError(499, "client_closed", "client closed the connection before sending the whole body") \
+            from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

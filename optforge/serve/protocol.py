@@ -11,6 +11,9 @@ finishing a request.
   arrives, so idle connections beyond the cap would still each hold a descriptor. Here a connection
   that would make `limit_concurrency` open connections is answered 503 and closed at once (the server
   sets it to its connection cap + 1, so uvicorn's own check at the request head never fires).
+- **A body that breaks HTTP framing** (a malformed chunk): uvicorn answers 400 and closes, and the app,
+  still reading the body, sees only a disconnect. Here the request's scope says so first, under
+  `scope["extensions"][MALFORMED_BODY]`, so the app counts a client error, not a vanished client.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from optforge.serve.app import MALFORMED_BODY
 from optforge.serve.guards import OVER_LIMIT, REFUSED
 
 
@@ -49,6 +53,12 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        if self.cycle is not None and not self.cycle.response_started:
+            # the app has this request's head and waits for its body, which broke the framing
+            self.cycle.scope.setdefault("extensions", {})[MALFORMED_BODY] = msg
+        super().send_400_response(msg)
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
