@@ -15,6 +15,7 @@ import click
 
 from optforge import __version__
 from optforge.errors import OptforgeError, RecipeError
+from optforge.serve.options import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 
 DEVICE_HELP = ("auto: cuda when an NVIDIA driver is present, CUDA_VISIBLE_DEVICES does not hide the GPUs "
                "and torch is a CUDA build (checked without importing torch), else cpu.")
@@ -236,14 +237,26 @@ def clean(recipe):
 @click.option("--max-batch", type=int, default=32, show_default=True,
               help="Largest batch per forward pass (1: no batching).")
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
-              help="Longest a request waits for its batch to fill.")
+              help="Longest a request waits for its batch to fill (0..10000).")
+@click.option("--header-timeout-s", type=float, default=DEFAULT_HEADER_TIMEOUT_S, show_default=True,
+              help="A connection whose request head is not complete this long after it opened (or after "
+                   "the head's first byte, on a kept-alive connection) is closed.")
+@click.option("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S, show_default=True,
+              help="A request whose whole body has not arrived this long after its head is answered 408.")
+@click.option("--max-connections", type=int, default=None,
+              help="Open connections beyond this are answered 503 and closed at once. Default: what the "
+                   "file-descriptor limit (ulimit -n) leaves after the server's own files and a margin, "
+                   "at most 1024.")
 @device_option
 @user_errors
-def serve(recipe, config, host, port, max_batch, max_wait_ms, device):
+def serve(recipe, config, host, port, max_batch, max_wait_ms, header_timeout_s, body_timeout_s, max_connections,
+          device):
     """Serve a built configuration over HTTP: POST /predict, GET /healthz, GET /metrics."""
     from optforge.serve.launch import serve_recipe
 
-    serve_recipe(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo)
+    serve_recipe(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo,
+                 header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                 max_connections=max_connections)
 
 
 if __name__ == "__main__":

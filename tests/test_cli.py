@@ -224,3 +224,14 @@ def test_dry_run_and_until_via_cli(toy):
     result = runner.invoke(main, ["build", str(toy), "--until", "student"])
     assert [ln.split()[0] for ln in result.stdout.splitlines()[:3]] == ["ran", "ran", "ran"]
     assert os.path.exists(toy.with_suffix(".lock"))
+
+
+@pytest.mark.parametrize("flag,value", [("--max-wait-ms", "inf"), ("--max-wait-ms", "nan"), ("--max-wait-ms", "-1"),
+                                        ("--max-wait-ms", "1e9"), ("--header-timeout-s", "inf"),
+                                        ("--body-timeout-s", "nan"), ("--body-timeout-s", "0"),
+                                        ("--max-connections", "0")])
+def test_serve_refuses_a_non_finite_or_out_of_range_option_before_loading_anything(toy, flag, value):
+    result = CliRunner().invoke(main, ["serve", str(toy), flag, value])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} must be "), result.output

@@ -11,6 +11,10 @@ Response:  {"predictions": [{"label": int, "label_name": str, "probabilities": [
            sizes of the batches the texts ran in in `X-Batch-Size`.
 Errors:    {"error": {"code": "...", "message": "..."}} with a 4xx status for bad input, 503 when the
            queue is full (with Retry-After), 500 when the model raised. No input can stop the server.
+           A body that does not arrive within `body_timeout_s` is a 408 (and the connection closes).
+           A client that goes away before its answer is counted as 499 (nginx's "client closed
+           request"; nobody receives it), one whose body breaks HTTP framing as 400: client errors, not
+           500s, and no traceback in the log.
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from typing import Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from optforge.serve.batcher import BatchFailed, BatchFn, Closed, DynamicBatcher, Overloaded
 from optforge.serve.metrics import CONTENT_TYPE, ServerMetrics
+from optforge.serve.options import DEFAULT_BODY_TIMEOUT_S, checked
 
 JSON_TYPE = "application/json"
+# scope["extensions"] key under which the server (serve/protocol.py) says a request's body broke HTTP
+# framing (a malformed chunk) before the app sees the connection close
+MALFORMED_BODY = "optforge.malformed_body"
 PHASES = ("queue", "tokenize", "forward", "postprocess", "serialize")
 
 
@@ -44,9 +52,9 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 def error_response(status: int, code: str, message: str, headers: Optional[dict] = None) -> Response:
@@ -131,8 +139,24 @@ def parse_server_timing(header: str) -> dict[str, float]:
     return out
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it is longer than `limit`: never buffers more than that."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refusing (413) as soon as it is longer than `limit`: never buffers more than that; 408
+    (closing the connection: the rest may never come) when it has not all arrived within `timeout_s`;
+    400 when it broke HTTP framing, 499 when the client went away first."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        malformed = request.scope.get("extensions", {}).get(MALFORMED_BODY)
+        if malformed is not None:
+            raise ApiError(400, "malformed_body", f"the request body broke HTTP framing: {malformed}") from None
+        raise ApiError(499, "client_closed", "client closed the connection before sending the whole body") \
+            from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -183,9 +207,13 @@ class _CountRequests:
 
 
 def create_app(run_batch: BatchFn, *, max_batch: int = 32, max_wait_ms: float = 5.0,
-               max_queue: Optional[int] = None, limits: Limits = Limits(), info: Optional[dict] = None):
+               max_queue: Optional[int] = None, limits: Limits = Limits(), info: Optional[dict] = None,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
     """The ASGI app. `info` (config name, model description...) is shown by /healthz.
-    `max_queue` (texts waiting) defaults to max(256, 8 * max_batch)."""
+    `max_queue` (texts waiting) defaults to max(256, 8 * max_batch). An option out of its range
+    (serve/options.py: `max_wait_ms=inf`...) is a ValueError."""
+    max_wait_ms = checked("max_wait_ms", max_wait_ms)
+    body_timeout_s = checked("body_timeout_s", body_timeout_s)
     max_queue = max_queue if max_queue is not None else max(256, 8 * max_batch)
     if limits.max_texts > max_queue:
         limits = Limits(limits.max_body_bytes, limits.max_text_chars, max_queue)
@@ -203,9 +231,10 @@ def create_app(run_batch: BatchFn, *, max_batch: int = 32, max_wait_ms: float = 
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
-            texts, single = parse_predict_body(await read_body(request, limits.max_body_bytes), limits)
+            body = await read_body(request, limits.max_body_bytes, body_timeout_s)
+            texts, single = parse_predict_body(body, limits)
         except ApiError as e:
-            return error_response(e.status, e.code, e.message)
+            return error_response(e.status, e.code, e.message, headers=e.headers)
         submit = asyncio.ensure_future(batcher.submit(texts))
         gone = asyncio.ensure_future(_client_gone(request.receive))
         try:

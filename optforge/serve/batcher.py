@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,8 +80,8 @@ class DynamicBatcher:
                  clock: Callable[[], float] = time.perf_counter):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if not 0 <= max_wait_ms < math.inf:  # nan or inf would hold a lone caller forever
+            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms}")
         if max_queue < max_batch:
             raise ValueError(f"max_queue ({max_queue}) must be >= max_batch ({max_batch})")
         self.run_batch = run_batch

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from optforge.errors import OptforgeError
+from optforge.serve.options import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, checked
 
 
 def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Path, str, Optional[str]]:
@@ -62,12 +63,18 @@ def best_config(recipe, graph, results: dict, display: str) -> tuple[str, str]:
 
 def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", port: int = 8000,
                  max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "auto",
-                 max_queue: Optional[int] = None, echo: Callable[[str], None] = print) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+                 max_queue: Optional[int] = None, echo: Callable[[str], None] = print, *,
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 max_connections: Optional[int] = None) -> None:
+    """Serve until interrupted (Ctrl-C). Options are checked (as the CLI spells them) before anything
+    loads; `max_connections` defaults to what the file-descriptor limit allows (serve/guards.py)."""
     if max_batch < 1:
         raise OptforgeError(f"--max-batch must be >= 1, got {max_batch}")
-    if max_wait_ms < 0:
-        raise OptforgeError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+    max_wait_ms = checked("max_wait_ms", max_wait_ms, flag=True)
+    header_timeout_s = checked("header_timeout_s", header_timeout_s, flag=True)
+    body_timeout_s = checked("body_timeout_s", body_timeout_s, flag=True)
+    if max_connections is not None:
+        max_connections = checked("max_connections", max_connections, flag=True)
     if not 0 <= port <= 65535:
         raise OptforgeError(f"--port must be in 0..65535, got {port}")
     from optforge.session import open_session
@@ -84,7 +91,8 @@ def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", por
 
     runnable, run = load_for_serving(artifact, session.device, precision)
     app = create_app(run, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                     info={"config": name, "model": runnable.description, "recipe": session.name})
+                     info={"config": name, "model": runnable.description, "recipe": session.name},
+                     body_timeout_s=body_timeout_s)
 
     def ready(bound_host, bound_port):
         echo(f"serving {name!r}{f' ({why})' if why else ''}: {runnable.description} on {session.device}, "
@@ -95,6 +103,7 @@ def serve_recipe(recipe_path, config: str = "best", host: str = "127.0.0.1", por
             echo(f"warning: {bound_host} is reachable from other machines; this server has no authentication")
 
     try:
-        serve_forever(app, host, port, log_level="info", on_ready=ready)
+        serve_forever(app, host, port, log_level="info", on_ready=ready, header_timeout_s=header_timeout_s,
+                      max_connections=max_connections)
     except OSError as e:
         raise OptforgeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -1,16 +1,28 @@
 """uvicorn on a socket we bind ourselves: in a background thread (`ServerThread`, tests and tools), in
 the foreground (`serve_forever`, the CLI), or as a child process (`python -m optforge.serve.server`,
 the serve_benchmark stage: its own interpreter, so the load generator does not share its GIL).
+
+Every way in binds with `bind` and builds its uvicorn server with `_server`, which set the guards
+against clients that hold connections: uvicorn's h11 protocol with a header timeout and a connection
+cap at accept (serve/protocol.py), a cap derived from the file-descriptor limit so that the limit is
+never what refuses a client, a listening socket that sheds waiting clients should the descriptors run
+out all the same, and one log line per 10 s (with a count) for the messages a flood of clients repeats
+(serve/guards.py). The body's deadline is the app's (`create_app(body_timeout_s=...)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import socket
 import sys
 import threading
 import time
+
+from optforge.serve.guards import SheddingSocket, default_max_connections, limit_flood_logging
+from optforge.serve.options import DEFAULT_HEADER_TIMEOUT_S, checked
 
 LOOPBACK = "127.0.0.1"
 
@@ -20,8 +32,9 @@ def bind(host: str = LOOPBACK, port: int = 0) -> socket.socket:
 
     proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
     and without it a response written in two pieces (headers, then body) waits for the client's delayed
-    ACK -- ~40 ms added to every request."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    ACK -- ~40 ms added to every request. A SheddingSocket: out of file descriptors, it closes waiting
+    clients instead of handing asyncio the EMFILE."""
+    sock = SheddingSocket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -33,23 +46,33 @@ def bind(host: str = LOOPBACK, port: int = 0) -> socket.socket:
     return sock
 
 
-def _config(app, log_level: str):
+def _server(app, log_level: str, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+            max_connections: int | None = None):
+    """The uvicorn server for `app`, with the guards (see the module's doc)."""
     import uvicorn
 
-    # keep-alive longer than any pause of the load generator; no access log (it costs per request)
-    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30,
-                          timeout_graceful_shutdown=5)
+    from optforge.serve.protocol import GuardedH11Protocol
+
+    header_timeout_s = checked("header_timeout_s", header_timeout_s)
+    max_connections = checked("max_connections", max_connections if max_connections is not None
+                              else default_max_connections())
+    # keep-alive longer than any pause of the load generator; no access log (it costs per request);
+    # limit_concurrency counts the connection being judged, so cap + 1 lets `max_connections` stay open
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=5, limit_concurrency=max_connections + 1,
+                            http=functools.partial(GuardedH11Protocol, header_timeout_s=header_timeout_s))
+    limit_flood_logging()  # after Config, which configures uvicorn's loggers
+    return uvicorn.Server(config)
 
 
 class ServerThread:
     """`with ServerThread(app) as s: ... s.port ...` -- uvicorn in a daemon thread on 127.0.0.1."""
 
-    def __init__(self, app, host: str = LOOPBACK, port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
+    def __init__(self, app, host: str = LOOPBACK, port: int = 0, log_level: str = "warning",
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, max_connections: int | None = None):
+        self.server = _server(app, log_level, header_timeout_s, max_connections)
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(_config(app, log_level))
         self.thread = threading.Thread(target=self._run, name="optforge-uvicorn", daemon=True)
         self.error: BaseException | None = None
 
@@ -90,15 +113,16 @@ class ServerThread:
         self.stop()
 
 
-def serve_forever(app, host: str, port: int, log_level: str = "info", on_ready=None) -> None:
-    """Foreground server (Ctrl-C stops it). `on_ready(host, port)` is called once the socket is bound."""
-    import uvicorn
-
+def serve_forever(app, host: str, port: int, log_level: str = "info", on_ready=None,
+                  header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, max_connections: int | None = None) -> None:
+    """Foreground server (Ctrl-C stops it). `on_ready(host, port)` is called once the socket is bound.
+    `max_connections` defaults to `default_max_connections()`, counted here, after the model loaded."""
+    server = _server(app, log_level, header_timeout_s, max_connections)
     sock = bind(host, port)
     if on_ready is not None:
         on_ready(*sock.getsockname()[:2])
     try:
-        uvicorn.Server(_config(app, log_level)).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
 
@@ -118,8 +142,6 @@ def main(argv=None) -> int:
 
     from optforge.serve.app import create_app
     from optforge.serve.model import load_for_serving
-
-    import os
 
     import torch
 

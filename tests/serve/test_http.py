@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import re
 import socket
@@ -316,3 +317,99 @@ def test_a_model_error_is_a_500_and_the_server_lives(gated):
     status, _, body = post(server.port, b'{"text": "boom"}')
     assert status == 500 and error_code(body) == "model_error" and "kernel exploded" in body.decode()
     assert post(server.port, b'{"text": "fine"}')[0] == 200
+
+
+# --------------------------------------------------------------------------- slow and broken-off clients
+
+
+def predict_counts(port: int) -> dict[str, float]:
+    text = request(port, "GET", "/metrics")[2].decode()
+    return {lab["code"]: v for _, lab, v in parse_exposition(text)["optforge_requests_total"]
+            if lab["path"] == "/predict"}
+
+
+def raw_exchange(port: int, data: bytes, then_close: bool) -> bytes:
+    """Send `data` on a fresh connection; close at once, or read what the server answers until it closes."""
+    with socket.create_connection((LOOPBACK, port), timeout=TIMEOUT_S) as s:
+        s.sendall(data)
+        if then_close:
+            return b""
+        chunks = []
+        while len(chunks) < 100:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+HEAD = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+def test_a_body_that_stalls_is_answered_408_and_the_connection_closed(tiny_runnable):
+    app = create_app(batch_function(tiny_runnable), max_batch=2, limits=LIMITS, body_timeout_s=0.5)
+    with ServerThread(app) as server:
+        t0 = time.monotonic()
+        answer = raw_exchange(server.port, HEAD + b"Content-Length: 100\r\n\r\n" + b'{"text": "sta', False)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"body_timeout"' in answer, answer
+        assert time.monotonic() - t0 < TIMEOUT_S  # raw_exchange read until the server closed
+        wait_until(lambda: predict_counts(server.port).get("408") == 1, '/predict code="408" to count it')
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def server_log():
+    """Every record uvicorn's error logger emits meanwhile (it does not propagate to the root)."""
+    handler = Records()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+
+
+BROKEN_OFF = [
+    ("disconnect mid-body", HEAD + b"Content-Length: 100\r\n\r\n" + b'{"text": "only a p', True, "499"),
+    ("malformed chunk", HEAD + b"Transfer-Encoding: chunked\r\n\r\n4\r\n{\"te\r\nnot-a-size\r\n\r\n", False,
+     "400"),
+]
+
+
+@pytest.mark.parametrize("data,then_close,code", [b[1:] for b in BROKEN_OFF], ids=[b[0] for b in BROKEN_OFF])
+def test_a_client_that_breaks_off_is_a_client_error_without_a_traceback(server, server_log, data, then_close,
+                                                                        code):
+    before = predict_counts(server.port)
+    answer = raw_exchange(server.port, data, then_close)
+    if not then_close:
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+    wait_until(lambda: predict_counts(server.port).get(code, 0) == before.get(code, 0) + 1,
+               f'/predict code="{code}" to count it')
+    after = predict_counts(server.port)
+    assert after.get("500", 0) == before.get("500", 0)
+    assert not [r for r in server_log if r.exc_info or r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in server_log]
+    assert post(server.port, b'{"text": "still here"}')[0] == 200
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -1.0, 10_001.0])
+def test_max_wait_ms_must_be_finite_and_bounded(value):
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        create_app(lambda texts: ([0] * len(texts), {}), max_wait_ms=value)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0.0, -1.0])
+def test_body_timeout_must_be_finite_and_positive(value):
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        create_app(lambda texts: ([0] * len(texts), {}), body_timeout_s=value)
