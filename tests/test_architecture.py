@@ -24,7 +24,7 @@ PURE = [
     "optforge.run", "optforge.stages.base", "optforge.bench", "optforge.hardware", "optforge.batching",
     "optforge.metrics", "optforge.prune_counts", "optforge.report", "optforge.cli", "optforge.artifacts",
     "optforge.methods.quantize", "optforge.methods.compile", "optforge.datasets", "optforge.cache_entry",
-    "optforge.stages.registry", "optforge.model_source", "optforge.procs",
+    "optforge.stages.registry", "optforge.model_source", "optforge.procs", "optforge.serve.options",
 ]
 HEAVY = ("torch", "transformers", "torchao")
 
