@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from optforge.errors import kernel_failure  # noqa: E402
-from optforge.methods.quantize import get_method  # noqa: E402
+from optforge.artifacts.quantized import method_params  # noqa: E402
 from optforge.stages.quantize import CALIBRATION_TEXTS as SENTENCES  # noqa: E402
 METHODS = [  # (row name, method or None for float, precision)
     ("fp32 eager", None, "fp32"),
@@ -76,11 +76,10 @@ def main(argv=None) -> int:
         model = copy.deepcopy(base).to(modeling.PRECISION_DTYPES[precision])
         try:
             if method is not None:
-                qmethod = get_method(method)
+                qmethod, qparams = method_params({"method": method, "group_size": 128 if "g128" in name else 32})
                 qmethod.check(precision, "cpu")
-                options = {"group_size": 128 if "g128" in name else 32} if "group_size" in qmethod.params.model_fields else {}
                 with kernel_failure(f"{method}: quantize"):
-                    qmethod.apply(model, qmethod.params.model_validate(options), "cpu")
+                    qmethod.apply(model, qparams, "cpu")
                 quantize.verify_forward(model, check, method)
         except StageFailure as e:
             rows[name] = {"failed": str(e)}

@@ -124,13 +124,11 @@ def plan(recipe, as_json, verify, device):
 @user_errors
 def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code):
     """Run the stale stages, then render the report."""
-    from optforge.recipe_io import require_remote_code_trust
     from optforge.run import build as run_build
 
-    if not dry_run:  # a dry run loads no model
-        require_remote_code_trust(recipe, recipe, trusted=trust_remote_code)
     result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
-                       keep_going=keep_going, wait=wait, display=recipe)
+                       keep_going=keep_going, wait=wait, display=recipe,
+                       trust_remote_code=trust_remote_code or dry_run)  # a dry run loads no model
     sys.exit(result.exit_code)
 
 
@@ -163,10 +161,7 @@ def report(recipe, compare, device):
     plans = session.plan()
     session.save_hashes()
 
-    def no_renderer(msg):
-        raise OptforgeError(msg)
-
-    for f in render(session, stage_results(session, plans), compare=compare, warn=no_renderer):
+    for f in render(session, stage_results(session, plans), compare=compare):
         click.echo(f"report: {f}")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from optforge.errors import OptforgeError
-from optforge.datasets import data_root, resolve_dataset_dir  # noqa: F401 - data_root: recipe_io's messages
+from optforge.datasets import resolve_dataset_dir
 from optforge.recipe import Recipe, model_stage_name
 from optforge.stages.registry import row_steps
 

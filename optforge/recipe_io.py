@@ -458,7 +458,7 @@ def check_data_files(loaded: LoadedRecipe, graph) -> None:
     """Local data files must exist; the error points at `data.dataset` (folder missing) or at
     `data.train` / `data.eval` (file missing), and names the file it looked for, never what else is in
     the folder (which may be any folder: `dataset: ~/`)."""
-    from optforge.graph import data_root
+    from optforge.datasets import data_root
 
     data = loaded.recipe.data
     for role, file in graph["data"].data_files.items():
@@ -500,19 +500,12 @@ REMOTE_CODE_FLAG = "--trust-remote-code"
 
 def remote_code_notice(loaded: LoadedRecipe) -> Optional[RecipeError]:
     """For a recipe whose teacher asks to run the Python code that comes with the model: the located
-    notice (`validate` prints it as a warning; a build without REMOTE_CODE_FLAG refuses with it)."""
+    notice (`validate` prints it as a warning; a build without REMOTE_CODE_FLAG refuses with it:
+    session.open_session(trust_remote_code=False))."""
     if not loaded.recipe.teacher.trust_remote_code:
         return None
     return loaded.error(f"true runs the Python code that comes with the model, on this machine; build with "
                         f"{REMOTE_CODE_FLAG} if you trust it", ("teacher", "trust_remote_code"))
-
-
-def require_remote_code_trust(path: Path | str, display: str | None = None, trusted: bool = False) -> None:
-    """Raises the located notice when the recipe at `path` runs its model's own code and `trusted` (the
-    CLI's REMOTE_CODE_FLAG) is not given."""
-    notice = None if trusted else remote_code_notice(load_recipe(path, display))
-    if notice is not None:
-        raise notice
 
 
 def load_and_check(path: Path | str, display: str | None = None, device: str = "cpu"):
@@ -523,4 +516,4 @@ def load_and_check(path: Path | str, display: str | None = None, device: str = "
 
 
 __all__ = ["RecipeLoader", "RecipeErrors", "LoadedRecipe", "load_yaml", "load_recipe", "load_and_check",
-           "locate", "model_at", "remote_code_notice", "require_remote_code_trust"]
+           "locate", "model_at", "remote_code_notice"]

@@ -277,10 +277,12 @@ def dry_run_lines(plans: list[StagePlan], selected: set[str]) -> list[str]:
 
 
 def build(recipe: Path | str, *, device: str = "auto", cache: Cache | None = None, display: str | None = None,
-          **options) -> BuildResult:
-    """`optforge build`: load and check the recipe, then `execute` it (options: see `execute`)."""
+          trust_remote_code: Optional[bool] = None, **options) -> BuildResult:
+    """`optforge build`: load and check the recipe, then `execute` it (options: see `execute`;
+    `trust_remote_code`: see `open_session`)."""
     t0 = time.perf_counter()
-    return execute(open_session(recipe, device, cache, display), started=t0, **options)
+    return execute(open_session(recipe, device, cache, display, trust_remote_code=trust_remote_code),
+                   started=t0, **options)
 
 
 def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run: bool = False,
@@ -308,7 +310,7 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
     result.summary = _summary(result)
     if render_report:
         results = stage_results(session, plans, result.outcomes)
-        result.reports = render(session, results, only_if_changed=True, warn=log)
+        result.reports = render(session, results, only_if_changed=True)
         for f in result.reports:
             echo(f"report: {f}")
     echo(result.summary)

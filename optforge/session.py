@@ -22,7 +22,7 @@ from optforge.graph import Graph
 from optforge.lockfile import lock_path, read_lock
 from optforge.plan import KindInfo, StagePlan, plan_stages, skipped_below
 from optforge.recipe import KEY_COMPAT, Recipe
-from optforge.recipe_io import load_and_check
+from optforge.recipe_io import load_and_check, remote_code_notice
 from optforge.stages.base import StageKind
 from optforge.stages.registry import get_kind
 
@@ -118,9 +118,13 @@ def make_session(name: str, graph: Graph, cache: Cache, device: str, lock_file: 
 
 
 def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None = None,
-                 display: str | None = None) -> Session:
+                 display: str | None = None, trust_remote_code: Optional[bool] = None) -> Session:
+    """`trust_remote_code=False` (the CLI's build without --trust-remote-code): a recipe whose teacher
+    runs its model's own code is refused with the located notice; None: not checked here."""
     device = resolve_device(device)  # first: the device picks the recipe's rows and overrides
     loaded, graph = load_and_check(recipe, display, device)
+    if trust_remote_code is False and (notice := remote_code_notice(loaded)) is not None:
+        raise notice
     return make_session(loaded.recipe.name, graph, cache or Cache(), device, lock_path(loaded.path, device),
                         loaded.recipe.for_device(device), loaded.path)
 
@@ -173,8 +177,8 @@ def _renderer_stamp() -> list:
     return stamp
 
 
-def render(session: Session, results: dict, compare: Optional[Path] = None, only_if_changed: bool = False,
-           warn=print) -> list[Path]:
+def render(session: Session, results: dict, compare: Optional[Path] = None,
+           only_if_changed: bool = False) -> list[Path]:
     """Call the report renderer. With `only_if_changed`, skip it when results, environment and the
     renderer itself are what they were at the last render and its files are still there."""
     if session.recipe is None:  # a hand-built graph (engine tests): no recipe, so no report
@@ -189,11 +193,8 @@ def render(session: Session, results: dict, compare: Optional[Path] = None, only
         files = memo.get("files")
         if memo.get("digest") == digest and files is not None and all(os.path.exists(p) for p in files):
             return [Path(p) for p in files]
-    try:
-        from optforge.report import render_reports
-    except ImportError:
-        warn("report: optforge.report.render_reports is not available yet; no report written")
-        return []
+    from optforge.report import render_reports
+
     files = render_reports(recipe=session.recipe, recipe_path=session.recipe_path, graph=session.graph,
                            results=results, env=session.env(), out_dir=out_dir, compare=compare)
     files = [Path(f) for f in files or []]

@@ -19,7 +19,6 @@ count, so its cached code is always a hit and never recompiled.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from optforge.errors import OptforgeError, StageFailure
@@ -114,37 +113,21 @@ def graphed(compiled_fn, tokenizer, device: str, max_batch: int, max_length: int
                           max_length=max_length, device=device, capture=str(device).startswith("cuda"))
 
 
-@contextlib.contextmanager
-def compile_threads(meta: dict):
-    """torch's thread count set to the one the artifact was compiled at (when recorded), then restored."""
-    import torch
-
-    old = torch.get_num_threads()
-    want = meta.get("threads")
-    if want and want != old:
-        torch.set_num_threads(int(want))
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
-
-
 class AtCompileThreads:
     """Runs a torch.compile'd function at the thread count it was compiled at. Dynamo guards on global
     state that includes torch's thread count, and Inductor's CPU code is keyed on it: called at another
     count, the function would retrace and compile again (seen: an artifact compiled with OPTFORGE_THREADS=1
     recompiled at the benchmark's 2 threads). Setting and restoring the count costs ~0.3 us a call."""
 
-    def __init__(self, fn, threads: int):
+    def __init__(self, fn, threads: "int | None"):
         self.fn = fn
-        self.threads = int(threads)
+        self.threads = int(threads) if threads else None  # None: not recorded (older artifacts), as called
 
     def __call__(self, input_ids, attention_mask):
         import torch
 
         old = torch.get_num_threads()
-        if old == self.threads:
+        if self.threads is None or old == self.threads:
             return self.fn(input_ids, attention_mask)
         torch.set_num_threads(self.threads)
         try:
@@ -195,18 +178,16 @@ def load(artifact_dir, device: str, precision: str = "fp32") -> Runnable:
         model, tokenizer, _ = load_eager(artifact_dir / EAGER_DIR, device, meta["precision"])
         torch.compiler.load_cache_artifacts((artifact_dir / CACHE_BLOB).read_bytes())
         mode = meta.get("compiled_mode", "default")
-        fn = torch_compile(model, mode)
+        compiled = torch_compile(model, mode)
+        fn = AtCompileThreads(compiled, meta.get("threads"))
         # Replay the compile-time warm-up, same shapes, same order, same passes: the first trace of each
         # graph decides its symbolic shapes (duck sizing, 0/1 specialisation), hence its cache key, so this
         # traces exactly the saved graphs (all cache hits), after which any shape in range passes a guard.
-        with compile_threads(meta):
-            replay_warmup(fn, tokenizer, device, meta["warmup_shapes"], max_passes=meta["warmup_passes"])
+        replay_warmup(fn, tokenizer, device, meta["warmup_shapes"], max_passes=meta["warmup_passes"])
         description = f"torch.compile {mode} {meta['precision']}"
         if meta.get("cuda_graphs"):
-            fn = graphed(fn.fn, tokenizer, device, meta["max_batch"], meta["max_length"])
+            fn = graphed(compiled.fn, tokenizer, device, meta["max_batch"], meta["max_length"])
             description += " + CUDA graphs"
-        elif meta.get("threads"):
-            fn = AtCompileThreads(fn, meta["threads"])
         return Runnable(fn, tokenizer, meta, device, precision=meta["precision"], module=model,
                         artifact_dir=artifact_dir, description=description)
     raise OptforgeError(f"{artifact_dir}: not a compiled artifact (format {meta['format']!r})")

@@ -24,7 +24,7 @@ from typing import ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from optforge.errors import StageFailure
+from optforge.errors import OptforgeError, StageFailure
 
 
 class NoParams(BaseModel):
@@ -70,8 +70,6 @@ def register(cls: type[QuantMethod]) -> type[QuantMethod]:
 
 
 def get_method(name: str) -> QuantMethod:
-    from optforge.errors import OptforgeError
-
     if name not in QUANT_METHODS:
         raise OptforgeError(f"unknown quantization method {name!r} (known: {', '.join(QUANT_METHODS)})")
     return QUANT_METHODS[name]

@@ -18,8 +18,8 @@ import torch
 from optforge import modeling
 from optforge.errors import StageFailure
 from optforge.artifacts import load_runnable
+from optforge.artifacts.quantized import method_params
 from optforge.methods.quantize import get_method
-from optforge.stages import quantize
 from tiny_models import build_tiny, sample_batch, save_tiny
 
 TEXTS = ["the movie was good", "a really dull and boring plot that never ends at all", "great",
@@ -42,8 +42,7 @@ CPU_EXPECTATIONS = [
 
 def apply_method(model, name: str, device: str, **options):
     """Quantize `model` in place with registered method `name`, given only the options it declares."""
-    method = get_method(name)
-    params = method.params.model_validate({k: v for k, v in options.items() if k in method.params.model_fields})
+    method, params = method_params({"method": name, **options})
     return method.apply(model, params, device)
 
 
