@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from optforge import arch
 from optforge.errors import OptforgeError
 
 CONFIG_FILE = "config.json"
 CONFIG_LIMIT = 1 << 20  # a model's config.json is a few KB; a larger one is not read at validate time
-# the config key that counts an encoder's transformer layers: most models, then DistilBERT
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers")
+# the config keys that count an encoder's transformer layers (optforge.arch): most models, then DistilBERT
+LAYER_COUNT_KEYS = tuple(dict.fromkeys(adapter.layer_count for adapter in arch.ADAPTERS.values()))
 
 
 class ModelSourceError(OptforgeError):
@@ -93,8 +94,10 @@ def cached_config(ref: str) -> Optional[dict]:
 
 
 def layer_count(config: dict) -> Optional[int]:
-    """How many transformer layers a model config declares, when it says so in a key we know."""
-    for key in LAYER_COUNT_KEYS:
+    """How many transformer layers a model config declares, when it says so in a key we know (its family's,
+    when optforge.arch knows the family)."""
+    adapter = arch.find_adapter(config)
+    for key in (adapter.layer_count,) if adapter is not None else LAYER_COUNT_KEYS:
         n = config.get(key)
         if isinstance(n, int) and not isinstance(n, bool) and n > 0:
             return n

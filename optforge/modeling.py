@@ -3,7 +3,8 @@
 An artifact directory holds
   model.safetensors      the whole state dict (encoder.* and head.*); never pickled
   config.json            the encoder's HF config (as the encoder was *built*, before any pruning)
-  head.json              num_labels, pooling, dropout, label_names, per-layer shapes (informative)
+  head.json              num_labels, pooling, dropout, label_names, per-layer shapes (informative; only
+                         for the architectures optforge.arch knows)
   tokenizer/             the HF tokenizer files
   optforge_model.json    {"format": "float", "precision", "num_labels", "max_length", "pooling", ...}
 
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from optforge import arch
 from optforge.errors import one_line
 from optforge.model_source import ModelSourceError, resolve_source  # noqa: F401 (re-exported)
 
@@ -80,17 +82,10 @@ class TextClassifier(nn.Module):
             nn.init.zeros_(self.head.bias)
 
 
-def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
-    """The encoder's list of transformer blocks (BERT/RoBERTa: encoder.layer; DistilBERT: transformer.layer)."""
-    for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
-        obj = encoder
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ModelSourceError(f"cannot find the transformer layers of a {type(encoder).__name__}")
+def encoder_layers(model: nn.Module, operation: str = "reading the transformer layers") -> nn.ModuleList:
+    """The list of transformer blocks of a classifier's encoder, or of an encoder (optforge.arch knows where
+    each family keeps them: BERT/RoBERTa/ELECTRA encoder.layer, DistilBERT transformer.layer)."""
+    return arch.adapter_for(model, operation).layers(arch.encoder_of(model))
 
 
 def select_layers(model: TextClassifier, indices: list[int]) -> TextClassifier:
@@ -98,8 +93,10 @@ def select_layers(model: TextClassifier, indices: list[int]) -> TextClassifier:
     pooling and head are copied unchanged."""
     import copy
 
+    adapter = arch.adapter_for(model, "a student made of teacher layers")
     new = copy.deepcopy(model)
-    layers = encoder_layers(new.encoder)
+    encoder = arch.encoder_of(new)
+    layers = adapter.layers(encoder)
     n = len(layers)
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
@@ -109,37 +106,18 @@ def select_layers(model: TextClassifier, indices: list[int]) -> TextClassifier:
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
                 m.layer_idx = pos
-    layers_parent = new.encoder
-    for part in _layer_path(model.encoder).split(".")[:-1]:
-        layers_parent = getattr(layers_parent, part)
-    setattr(layers_parent, _layer_path(model.encoder).split(".")[-1], nn.ModuleList(kept))
-    new.encoder.config.num_hidden_layers = len(kept)
+    adapter.set_layers(encoder, nn.ModuleList(kept))
     return new
-
-
-def _layer_path(encoder: nn.Module) -> str:
-    target = encoder_layers(encoder)
-    for name, m in encoder.named_modules():
-        if m is target:
-            return name
-    raise ModelSourceError(f"cannot find the transformer layers of a {type(encoder).__name__}")
 
 
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Per layer: attention width (all heads' size), head count and FFN width, read from the Linear shapes."""
-    encoder = model.encoder if isinstance(model, TextClassifier) else model
+    adapter = arch.adapter_for(model, "layer shapes")
     out = []
-    for layer in encoder_layers(encoder):
-        attn = getattr(getattr(layer, "attention", None), "self", None)
-        entry = {}
-        if attn is not None and hasattr(attn, "query"):
-            width = _out_features(attn.query)
-            entry["attention_width"] = width
-            entry["heads"] = width // attn.attention_head_size
-        inter = getattr(getattr(layer, "intermediate", None), "dense", None)
-        if inter is not None:
-            entry["intermediate"] = _out_features(inter)
-        out.append(entry)
+    for layer in adapter.layers(arch.encoder_of(model)):
+        width = _out_features(adapter.linear(layer, "query"))
+        out.append({"attention_width": width, "heads": width // adapter.head_size(layer),
+                    "intermediate": _out_features(adapter.linear(layer, "ffn_in"))})
     return out
 
 
@@ -194,23 +172,26 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 
 def load_encoder(ref: str, trust_remote_code: bool = False) -> nn.Module:
-    """A pretrained encoder in fp32, without BERT's pooler (we pool ourselves)."""
-    from transformers import AutoConfig
+    """A pretrained base model in fp32, without the pooler BERT and RoBERTa carry (we pool ourselves)."""
+    from transformers import AutoConfig, AutoModel
 
     config = _from_pretrained(AutoConfig.from_pretrained, ref, "model config", trust_remote_code=trust_remote_code)
-    cls, extra = _encoder_class(config, trust_remote_code)
-    return _from_pretrained(cls.from_pretrained, ref, "model", dtype=torch.float32,
-                            trust_remote_code=trust_remote_code, **extra)
+    return _from_pretrained(AutoModel.from_pretrained, ref, "model", dtype=torch.float32,
+                            trust_remote_code=trust_remote_code, **_build_kwargs(config, pooler=False))
 
 
-def _encoder_class(config, trust_remote_code: bool):
-    if config.model_type == "bert":
-        from transformers import BertModel
-
-        return BertModel, {"add_pooling_layer": False}
+def build_encoder(config, trust_remote_code: bool = False, pooler: bool = False) -> nn.Module:
+    """A base model with random weights shaped by `config` (weights are loaded over it), built as
+    `load_encoder` builds it: without a pooler unless `pooler` (an artifact saved with one)."""
     from transformers import AutoModel
 
-    return AutoModel, {}
+    with _quiet_transformers():
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code, **_build_kwargs(config, pooler))
+
+
+def _build_kwargs(config, pooler: bool) -> dict:
+    adapter = arch.find_adapter(config)
+    return dict(adapter.build_kwargs) if adapter is not None and not pooler else {}
 
 
 def random_encoder(spec, vocab_size: int, pad_token_id: int = 0, max_position_embeddings: int = 512) -> nn.Module:
@@ -241,7 +222,9 @@ def save_classifier(model: TextClassifier, tokenizer, meta: dict, out_dir) -> di
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
     model.encoder.config.to_json_file(str(out / ENCODER_CONFIG))
     head = {"num_labels": model.num_labels, "pooling": model.pooling, "dropout": model.dropout.p,
-            "label_names": model.label_names, "layers": layer_shapes(model)}
+            "label_names": model.label_names}
+    if arch.find_adapter(model) is not None:  # other encoders still save; their shapes are not known
+        head["layers"] = layer_shapes(model)
     _write_json(out / HEAD, head)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     dtype = next(model.parameters()).dtype
@@ -268,17 +251,13 @@ def load_classifier(artifact_dir, trust_remote_code: bool = False) -> tuple[Text
     d = Path(artifact_dir)
     meta = read_meta(d)
     head = json.loads((d / HEAD).read_text())
+    state = load_file(str(d / WEIGHTS))
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
-        cls, extra = _encoder_class(config, trust_remote_code)
-        if cls.__name__ == "AutoModel":
-            encoder = cls.from_config(config, trust_remote_code=trust_remote_code)
-        else:
-            encoder = cls(config, **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER_DIR))
+    encoder = build_encoder(config, trust_remote_code, pooler=any(k.startswith("encoder.pooler.") for k in state))
     model = TextClassifier(encoder, head["num_labels"], head["pooling"], head.get("dropout"),
                            head.get("label_names"))
-    state = load_file(str(d / WEIGHTS))
     fit_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval(), tokenizer, meta
@@ -286,7 +265,8 @@ def load_classifier(artifact_dir, trust_remote_code: bool = False) -> tuple[Text
 
 def fit_to_state(model: nn.Module, state: dict) -> None:
     """Resize every nn.Linear whose saved weight has another shape (structured pruning), then make the
-    attention modules' head bookkeeping agree with their new widths."""
+    attention modules' head bookkeeping agree with their new widths (optforge.arch)."""
+    resized = False
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
@@ -296,11 +276,14 @@ def fit_to_state(model: nn.Module, state: dict) -> None:
         new = nn.Linear(w.shape[1], w.shape[0], bias=f"{name}.bias" in state, dtype=module.weight.dtype)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    for module in model.modules():
-        if hasattr(module, "query") and hasattr(module, "attention_head_size"):
-            width = _out_features(module.query)
-            module.all_head_size = width
-            module.num_attention_heads = width // module.attention_head_size
+        resized = True
+    adapter = arch.find_adapter(model)
+    if adapter is None:
+        if resized:
+            raise arch.UnsupportedArchitecture(arch.model_type(model), "loading a structurally pruned model")
+        return
+    for layer in adapter.layers(arch.encoder_of(model)):
+        adapter.set_attention_width(layer, _out_features(adapter.linear(layer, "query")))
 
 
 def _write_json(path: Path, obj) -> None:

@@ -426,7 +426,8 @@ class LoadedRecipe:
 
 
 def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
-    """Parse and validate (schema, cross-references, student layers against the teacher's config).
+    """Parse and validate (schema, cross-references, the teacher's architecture where a student from its
+    layers or a prune needs one optforge.arch knows, student layers against the teacher's config).
     Raises RecipeError/RecipeErrors, located."""
     path = Path(path)
     display = display or str(path)
@@ -445,6 +446,7 @@ def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
         # unchanged, so the key path survives and only the position is missing
         raise _relocate(e, root, display) from None
     loaded = LoadedRecipe(recipe, path, display, root)
+    check_architectures(loaded)
     check_student_layers(loaded)
     return loaded
 
@@ -472,6 +474,41 @@ def check_data_files(loaded: LoadedRecipe, graph) -> None:
                 f"OPTFORGE_DATA_ROOT", ("data", "dataset"))
         problem = "is not a regular file" if p.exists() else "does not exist"
         raise loaded.error(f"data file {shown(getattr(data, role))} not found: {p} {problem}", ("data", role))
+
+
+def check_architectures(loaded: LoadedRecipe) -> None:
+    """A student made of teacher layers and every prune entry of a model made from the teacher need an
+    encoder optforge.arch knows, checked before anything runs from the teacher's config.json (a random-init
+    teacher or student is BERT; a teacher whose config is not on this machine is checked by the stage).
+    Every such entry is one located error."""
+    from optforge import arch
+    from optforge.model_source import cached_config
+
+    recipe = loaded.recipe
+    config = cached_config(recipe.teacher.model) if recipe.teacher.model is not None else None
+    if config is None or arch.model_type(config) is None or arch.find_adapter(config) is not None:
+        return
+    prunes = {p.name: p for p in recipe.prune}
+
+    def from_teacher(ref: str, seen: frozenset = frozenset()) -> bool:
+        if ref == "teacher":
+            return True
+        if ref == "student":
+            return recipe.student is not None and recipe.student.from_teacher is not None
+        entry = prunes.get(ref)
+        return entry is not None and ref not in seen and from_teacher(entry.model, seen | {ref})
+
+    def refused(operation: str, path: tuple) -> RecipeError:
+        reason = arch.UnsupportedArchitecture(arch.model_type(config), operation, where="teacher.model").reason
+        return loaded.error(reason, path)
+
+    errors = []
+    if recipe.student is not None and recipe.student.from_teacher is not None:
+        errors.append(refused("a student made of teacher layers", ("student", "from_teacher")))
+    errors += [refused(f"{p.method} pruning", ("prune", i)) for i, p in enumerate(recipe.prune)
+               if from_teacher(p.model)]
+    if errors:
+        raise errors[0] if len(errors) == 1 else RecipeErrors(errors)
 
 
 def check_student_layers(loaded: LoadedRecipe) -> None:

@@ -285,6 +285,58 @@ def test_student_layers_of_an_hf_teacher_use_the_local_cache_or_are_not_checked(
     assert "3 layers" in m.group(3) and "hf:org/tiny" in m.group(3), m.group(0)
 
 
+UNSUPPORTED = "supported: bert, distilbert, electra, roberta, xlm-roberta"
+
+
+def _local_teacher(optforge_env, config: dict) -> str:
+    folder = optforge_env.root / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return GOOD.replace("  config: {num_layers: 2, hidden_size: 32}\n", f"  model: {folder}\n")
+
+
+def test_student_layers_of_an_unsupported_teacher_are_refused_where_they_are_asked_for(recipe, optforge_env):
+    text = _local_teacher(optforge_env, {"model_type": "xlnet", "n_layer": 2})
+    m = one_error(recipe(text))
+    assert m.group(1) == "7" and m.group(3) == (
+        f"student.from_teacher: model type 'xlnet' (teacher.model) is not supported for a student made of "
+        f"teacher layers; {UNSUPPORTED}"), m.group(0)
+    # a student from a config is a BERT encoder whatever the teacher: nothing to refuse
+    text = text.replace("  from_teacher: {layers: [0]}", "  config: {num_layers: 1, hidden_size: 32}")
+    assert load_recipe(recipe(text)).recipe.student.config
+
+
+@pytest.mark.parametrize("p0, p1, method, refused", [
+    ("student", "teacher", "structured, heads: 0.5", [1]),
+    ("student", "teacher", "unstructured, amount: 0.5", [1]),
+    ("student", "p0", "structured, ffn: 0.5", []),  # the student is from a config: BERT
+    ("teacher", "p0", "structured, ffn: 0.5", [0, 1]),  # a pruned teacher is still the teacher's type
+])
+def test_pruning_an_unsupported_teacher_is_refused_at_its_entry(recipe, optforge_env, p0, p1, method, refused):
+    text = _local_teacher(optforge_env, {"model_type": "gpt2", "n_layer": 2})
+    text = text.replace("  from_teacher: {layers: [0]}", "  config: {num_layers: 1, hidden_size: 32}")
+    text = text.replace("configs:\n", f"prune:\n  - {{name: p0, model: {p0}, method: unstructured, amount: 0.1}}\n"
+                        f"  - {{name: p1, model: {p1}, method: {method}}}\nconfigs:\n")
+    path = recipe(text)
+    if not refused:
+        assert [p.name for p in load_recipe(path).recipe.prune] == ["p0", "p1"]
+        return
+    code, _, err = validate(path)
+    assert code == 2
+    operations = {0: "unstructured pruning", 1: method.split(",")[0] + " pruning"}
+    found = [located(path, line) for line in err.splitlines()]
+    assert [(m.group(1), m.group(3)) for m in found] == [
+        (str(10 + i), f"prune[{i}]: model type 'gpt2' (teacher.model) is not supported for {operations[i]}; "
+                      f"{UNSUPPORTED}") for i in refused]
+
+
+def test_a_supported_or_unknown_teacher_type_is_not_refused(recipe, optforge_env):
+    text = _local_teacher(optforge_env, {"model_type": "distilbert", "n_layers": 2})
+    assert load_recipe(recipe(text)).recipe.student.from_teacher.layers == [0]
+    (optforge_env.root / "teacher" / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    assert load_recipe(recipe(text)).recipe.student.from_teacher.layers == [0]
+
+
 # --------------------------------------------------------------------------- data errors
 
 

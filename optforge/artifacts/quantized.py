@@ -88,15 +88,15 @@ def linear_shapes(model) -> dict:
 def float_skeleton(artifact_dir: Path, meta: dict):
     """An fp32 TextClassifier with the saved architecture (Linear shapes included) and throwaway weights."""
     import torch
-    from transformers import AutoConfig, AutoModel, BertModel
+    from transformers import AutoConfig
 
     from optforge import modeling
 
     head = json.loads((artifact_dir / modeling.HEAD).read_text())
     with modeling._quiet_transformers():
         config = AutoConfig.from_pretrained(str(artifact_dir))
-        encoder = (BertModel(config, add_pooling_layer=False) if config.model_type == "bert"
-                   else AutoModel.from_config(config))
+    pooler = any(name.startswith("encoder.pooler.") for name in meta["linear_shapes"])
+    encoder = modeling.build_encoder(config, pooler=pooler)
     model = modeling.TextClassifier(encoder, head["num_labels"], head["pooling"], head.get("dropout"),
                                     head.get("label_names"))
     shapes = {}

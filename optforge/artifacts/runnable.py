@@ -125,29 +125,37 @@ class Runnable:
     def flops_per_token(self, seq_len: int) -> Optional[float]:
         """Forward FLOPs (2·MACs) per token at this sequence length: every Linear-like layer of the encoder,
         plus the attention matmuls (QK^T and AV: 2·seq_len·width MACs per token per layer), plus the
-        head once per sequence. None when there is no module to read shapes from."""
+        head (and a pooler) once per sequence. None when there is no module to read shapes from, or its
+        encoder is one optforge.arch does not know."""
         if self.module is None:
             return None
         return flops_per_token(self.module, seq_len)
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    from optforge.modeling import TextClassifier, layer_shapes
+def flops_per_token(model: nn.Module, seq_len: int) -> Optional[float]:
+    """Forward FLOPs (2·MACs) per token: the Linears of the encoder, the attention matmuls of each layer
+    (optforge.arch reads their widths), and what runs once per sequence (the head, a pooler) divided by
+    `seq_len`. None for an encoder optforge.arch does not know: a count without its attention is no count."""
+    from optforge import arch
+    from optforge.modeling import layer_shapes
 
-    head = model.head if isinstance(model, TextClassifier) else None
-    linear_macs = 0
+    adapter = arch.find_adapter(model)
+    if adapter is None:
+        return None
+    encoder = arch.encoder_of(model)
+    pooler = adapter.pooler_module(encoder)
+    per_token = {id(m) for m in encoder.modules()} - {id(m) for m in (pooler.modules() if pooler else ())}
+    token_macs = seq_macs = 0
     for m in model.modules():
-        if m is head:
-            continue
         shape = _linear_shape(m)
-        if shape is not None:
-            linear_macs += shape[0] * shape[1]
-    attn_macs = sum(2 * seq_len * layer.get("attention_width", 0) for layer in layer_shapes(model))
-    head_macs = 0
-    if head is not None:
-        shape = _linear_shape(head)
-        head_macs = shape[0] * shape[1] / max(seq_len, 1)
-    return float(2 * (linear_macs + attn_macs + head_macs))
+        if shape is None:
+            continue
+        if id(m) in per_token:
+            token_macs += shape[0] * shape[1]
+        else:
+            seq_macs += shape[0] * shape[1]
+    attn_macs = sum(2 * seq_len * layer["attention_width"] for layer in layer_shapes(model))
+    return float(2 * (token_macs + attn_macs + seq_macs / max(seq_len, 1)))
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:

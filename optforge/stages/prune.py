@@ -1,8 +1,9 @@
 """prune: make a float model sparser (unstructured) or physically smaller (structured), then optionally
 recover accuracy by distilling from the teacher. Writes a float artifact (`modeling.save_classifier`).
 
-Unstructured (`amount`): L1-magnitude pruning of every encoder nn.Linear weight, layer by layer
-(`torch.nn.utils.prune.l1_unstructured`: each weight loses exactly round(amount * numel) entries), kept
+Unstructured (`amount`): L1-magnitude pruning of the weight of every nn.Linear of the encoder's
+transformer blocks (Q/K/V/O, FFN in/out; not the embeddings or ELECTRA's embedding projection, not a
+pooler, not the head), layer by layer (`torch.nn.utils.prune.l1_unstructured`: each weight loses exactly round(amount * numel) entries), kept
 as a mask during recovery so zeros stay zero, then made permanent with `prune.remove` (no
 `weight_orig`/`weight_mask`/hooks remain). Dense kernels do not get faster from zeros: this is about
 size after compression and about what a sparse kernel could do, and the metrics say how sparse.
@@ -15,11 +16,16 @@ Importance, measured on a calibration set (`CALIBRATION` train sentences, fixed 
   - head h of layer l (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"):
       I_h = sum_x | dL(x)/d xi_h |   with xi_h a gate on the head's context output, at xi = 1.
     No gate module is needed: dL/d xi_h = sum over tokens and the head's dims of (context * dL/dcontext),
-    read from a forward hook on the self-attention output and a gradient hook on that tensor. The loss
-    is the summed per-example cross-entropy on the true labels, so each example's term is its own
-    gradient (BERT in eval mode treats examples independently), as in the paper (per example, not per batch).
-  - FFN channel j of layer l:  I_j = mean over real (non-pad) tokens |GELU(x W_in + b)_j| * ||W_out[:, j]||_2
-    (the expected magnitude of what channel j writes into the residual stream).
+    read from a forward pre-hook on the attention-output Linear (its input is the heads' context,
+    [B, S, heads * d]) and a gradient hook on that tensor. The loss is the summed per-example
+    cross-entropy on the true labels, so each example's term is its own gradient (an encoder in eval mode
+    treats examples independently), as in the paper (per example, not per batch).
+  - FFN channel j of layer l:  I_j = mean over real (non-pad) tokens |act(x W_in + b)_j| * ||W_out[:, j]||_2
+    (the expected magnitude of what channel j writes into the residual stream), the activation read by a
+    forward pre-hook on the FFN-output Linear.
+Both hooks sit on Linears every supported family has (optforge.arch: BERT, DistilBERT, RoBERTa,
+XLM-RoBERTa, ELECTRA), so nothing depends on what a family's attention or FFN module returns.
+A model type without an adapter is a RecipeError for the prune entry before any work.
 Counts (optforge/prune_counts.py, pure): a layer of H heads loses round(heads * H) of them, keeping at
 least one. A layer of I channels keeps I - round(ffn * I) channels, rounded to a multiple of 16 when I is
 one (packed int8/int4 CPU kernels want N % 16 == 0), keeping at least 16; the metrics report the real
@@ -35,6 +41,7 @@ from __future__ import annotations
 import json
 import random
 
+from optforge.errors import RecipeError
 from optforge.prune_counts import channels_to_keep, heads_to_remove, removed_fractions
 from optforge.recipe import PruneParams
 from optforge.stages.base import StageContext, StageKind
@@ -46,13 +53,18 @@ CALIBRATION_BATCH = 32
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from optforge import modeling, tokens, training
+    from optforge import arch, modeling, tokens, training
     from optforge.artifacts.runnable import flops_per_token
     from optforge.stages.data import Splits
 
     params: PruneParams = ctx.params
     data = Splits(ctx.inputs["data"], ctx.input_metrics.get("data"))
     model, tokenizer, meta = modeling.load_classifier(ctx.inputs["model"])
+    try:
+        arch.adapter_for(model, f"{params.method} pruning")
+    except arch.UnsupportedArchitecture as e:
+        entry = ctx.name.partition(":")[2]
+        raise RecipeError((f"entry {entry!r}: " if entry else "") + e.reason, ("prune",)) from None
     model = model.float().to(ctx.device).eval()
     training.configure_threads()
     pad_id = tokenizer.pad_token_id or 0
@@ -122,10 +134,11 @@ def param_stats(model) -> dict:
 
 
 def encoder_linears(model) -> list:
-    """Every nn.Linear inside the encoder (Q/K/V/O, FFN in/out); not the classification head."""
-    from torch import nn
+    """The Linears of the encoder's transformer blocks (Q/K/V/O, FFN in/out; optforge.arch): not the
+    embeddings or an embedding projection, not a pooler, not the classification head."""
+    from optforge import arch
 
-    return [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+    return arch.adapter_for(model, "unstructured pruning").layer_linears(arch.encoder_of(model))
 
 
 # --------------------------------------------------------------------------- unstructured
@@ -173,22 +186,23 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
     import torch
     import torch.nn.functional as F
 
-    from optforge import modeling
+    from optforge import arch
     from optforge.batching import sorted_batches
     from optforge.tokens import pad_batch
 
     ids, labels = calib
-    layers = modeling.encoder_layers(model.encoder)
-    head_size = [layer.attention.self.attention_head_size for layer in layers]
-    head_imp = [torch.zeros(layer.attention.self.query.out_features // d, dtype=torch.float64)
+    adapter = arch.adapter_for(model, "structured pruning")
+    layers = adapter.layers(arch.encoder_of(model))
+    head_size = [adapter.head_size(layer) for layer in layers]
+    head_imp = [torch.zeros(adapter.linear(layer, "query").out_features // d, dtype=torch.float64)
                 for layer, d in zip(layers, head_size)]
-    act_sum = [torch.zeros(layer.intermediate.dense.out_features, dtype=torch.float64) for layer in layers]
+    act_sum = [torch.zeros(adapter.linear(layer, "ffn_in").out_features, dtype=torch.float64) for layer in layers]
     tokens = 0
     current_mask: dict = {}
 
     def attn_hook(i):
-        def hook(_module, _inputs, output):
-            ctx_out = output[0] if isinstance(output, tuple) else output  # [B, S, heads * d]
+        def hook(_module, inputs):
+            ctx_out = inputs[0]  # [B, S, heads * d]: the heads' context, going into the output projection
 
             def grad_hook(grad):
                 contrib = (ctx_out.detach() * grad).float()  # d L / d xi, split over tokens and dims
@@ -199,15 +213,16 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
         return hook
 
     def ffn_hook(i):
-        def hook(_module, _inputs, output):
-            m = current_mask["mask"].unsqueeze(-1).to(output.dtype)
-            act_sum[i] += (output.detach().abs() * m).sum(dim=(0, 1)).double().cpu()
+        def hook(_module, inputs):
+            act = inputs[0]  # [B, S, channels]: the activation, going into the FFN output projection
+            m = current_mask["mask"].unsqueeze(-1).to(act.dtype)
+            act_sum[i] += (act.detach().abs() * m).sum(dim=(0, 1)).double().cpu()
         return hook
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.attention.self.register_forward_hook(attn_hook(i)))
-        handles.append(layer.intermediate.register_forward_hook(ffn_hook(i)))
+        handles.append(adapter.linear(layer, "attn_out").register_forward_pre_hook(attn_hook(i)))
+        handles.append(adapter.linear(layer, "ffn_out").register_forward_pre_hook(ffn_hook(i)))
     model.eval()
     labels_t = torch.tensor(labels, dtype=torch.long)
     try:
@@ -227,7 +242,7 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
 
     ffn_imp = []
     for layer, s in zip(layers, act_sum):
-        out_norm = layer.output.dense.weight.detach().float().norm(dim=0).double().cpu()  # ||W_out[:, j]||
+        out_norm = adapter.linear(layer, "ffn_out").weight.detach().float().norm(dim=0).double().cpu()  # ||W_out[:, j]||
         ffn_imp.append(s / max(tokens, 1) * out_norm)
     return [h.float() for h in head_imp], [f.float() for f in ffn_imp]
 
@@ -239,10 +254,11 @@ def structured_plan(model, head_imp: list, ffn_imp: list, heads: float, ffn: flo
     """Per layer: the original head indices and FFN channel indices to keep (ascending), by importance."""
     import torch
 
-    from optforge import modeling
+    from optforge import arch
 
+    adapter = arch.adapter_for(model, "structured pruning")
     plan = []
-    for layer, hi, fi in zip(modeling.encoder_layers(model.encoder), head_imp, ffn_imp):
+    for layer, hi, fi in zip(adapter.layers(arch.encoder_of(model)), head_imp, ffn_imp):
         n_heads = hi.numel()
         keep_h = n_heads - heads_to_remove(n_heads, heads)
         n_ch = fi.numel()
@@ -251,7 +267,7 @@ def structured_plan(model, head_imp: list, ffn_imp: list, heads: float, ffn: flo
         kept_heads = sorted(torch.argsort(-hi, stable=True)[:keep_h].tolist())
         kept_ch = sorted(torch.argsort(-fi, stable=True)[:keep_c].tolist())
         plan.append({"kept_heads": kept_heads, "kept_channels": kept_ch, "heads_before": n_heads,
-                     "intermediate_before": n_ch, "head_size": layer.attention.self.attention_head_size})
+                     "intermediate_before": n_ch, "head_size": adapter.head_size(layer)})
     return plan
 
 
@@ -261,24 +277,22 @@ def shrink(model, plan: list[dict]) -> list[dict]:
     import torch
     from transformers.pytorch_utils import prune_linear_layer
 
-    from optforge import modeling
+    from optforge import arch
 
+    adapter = arch.adapter_for(model, "structured pruning")
     out = []
-    for layer, p in zip(modeling.encoder_layers(model.encoder), plan):
-        attn, d = layer.attention.self, p["head_size"]
+    for layer, p in zip(adapter.layers(arch.encoder_of(model)), plan):
+        d = p["head_size"]
         if len(p["kept_heads"]) < p["heads_before"]:
             rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in p["kept_heads"]])
-            attn.query = prune_linear_layer(attn.query, rows, dim=0)
-            attn.key = prune_linear_layer(attn.key, rows, dim=0)
-            attn.value = prune_linear_layer(attn.value, rows, dim=0)
-            layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, rows, dim=1)
-            # HF 5.x reshapes with (-1, head_size), so these are bookkeeping; keep them true anyway
-            attn.num_attention_heads = len(p["kept_heads"])
-            attn.all_head_size = len(rows)
+            for role in ("query", "key", "value"):
+                adapter.set_linear(layer, role, prune_linear_layer(adapter.linear(layer, role), rows, dim=0))
+            adapter.set_linear(layer, "attn_out", prune_linear_layer(adapter.linear(layer, "attn_out"), rows, dim=1))
+            adapter.set_attention_width(layer, len(rows))
         if len(p["kept_channels"]) < p["intermediate_before"]:
             ch = torch.tensor(p["kept_channels"])
-            layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, ch, dim=0)
-            layer.output.dense = prune_linear_layer(layer.output.dense, ch, dim=1)
+            adapter.set_linear(layer, "ffn_in", prune_linear_layer(adapter.linear(layer, "ffn_in"), ch, dim=0))
+            adapter.set_linear(layer, "ffn_out", prune_linear_layer(adapter.linear(layer, "ffn_out"), ch, dim=1))
         out.append({"heads": len(p["kept_heads"]), "head_size": d,
                     "intermediate": len(p["kept_channels"]), "kept_heads": list(p["kept_heads"])})
     return out

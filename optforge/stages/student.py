@@ -1,6 +1,6 @@
 """student: a smaller model to distill into. Either a subset of the teacher's layers (embeddings, the
-chosen layers, pooling and head copied exactly) or a random-init encoder from a config that shares the
-teacher's tokenizer, pooling and labels."""
+chosen layers, pooling and head copied exactly; any family optforge.arch knows) or a random-init BERT
+encoder from a config that shares the teacher's tokenizer, pooling and labels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from optforge.stages.base import StageContext, StageKind
 
 
 def run(ctx: StageContext) -> dict:
-    from optforge import modeling
+    from optforge import arch, modeling
 
     spec: StudentSpec = ctx.params
     teacher, tokenizer, meta = modeling.load_classifier(ctx.inputs["teacher"])
@@ -18,6 +18,8 @@ def run(ctx: StageContext) -> dict:
         layers = spec.from_teacher.layers
         try:
             student = modeling.select_layers(teacher, layers)
+        except arch.UnsupportedArchitecture as e:
+            raise RecipeError(e.reason, ("student", "from_teacher")) from None
         except ValueError as e:
             raise RecipeError(str(e), ("student", "from_teacher", "layers")) from None
         source = f"teacher layers {layers}"
