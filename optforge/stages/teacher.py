@@ -68,7 +68,7 @@ def build(spec: TeacherSpec, data, tokenizer, metrics: dict, log) -> tuple:
 
     finetune = spec.train_spec(classifier=False)
     if spec.label_map is not None:
-        raise RecipeError(f"{spec.model or 'a random-init config'!r} is a bare encoder: it gets a new head trained on the data's labels, so "
+        raise RecipeError(f"{spec.model!r} is a bare encoder: it gets a new head trained on the data's labels, so "
                           f"there is nothing for `label_map` to match", ("teacher", "label_map"))
     if finetune is None:
         log("teacher: `finetune: null` leaves the new classification head untrained (accuracy at chance)")
