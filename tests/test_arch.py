@@ -1,7 +1,8 @@
 """Architecture adapters (optforge/arch.py): student-from-layers, unstructured and structured pruning,
 layer shapes and FLOPs on every supported family (BERT, DistilBERT, RoBERTa, XLM-RoBERTa, ELECTRA), each a
 tiny random model (3 layers, hidden 32, 4 heads of 8, FFN 128; ELECTRA with a 16-wide embedding and its
-projection); and the one-line error for a model type no adapter knows."""
+projection), both as optforge's TextClassifier and as a stock `*ForSequenceClassification`
+(HFSeqClassifier); and the one-line error for a model type no adapter knows."""
 
 from __future__ import annotations
 
@@ -45,18 +46,34 @@ def tiny_config(family: str, vocab_size: int, layers: int = LAYERS):
                                 intermediate_size=FFN, **common, **extra)
 
 
-def tiny(tok, family: str, seed: int = 0, stock: bool = False) -> modeling.TextClassifier:
-    """A TextClassifier over a random `family` encoder: built the way optforge builds encoders (no pooler),
-    or, with `stock`, the stock base model (`AutoModel.from_config`: BERT and RoBERTa keep their pooler)."""
-    from transformers import AutoModel
+HEADS_KINDS = ["text", "stock"]
+
+
+def tiny(tok, family: str, seed: int = 0, head: str = "text"):
+    """A random `family` classifier: "text" a TextClassifier over the encoder optforge builds (no pooler);
+    "text+pooler" one over the stock base model (`AutoModel.from_config`: BERT and RoBERTa keep their
+    pooler); "stock" an HFSeqClassifier of `AutoModelForSequenceClassification.from_config` (the
+    architecture's own head, outside the base model but for BERT's pooler)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     config = tiny_config(family, len(tok))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = AutoModel.from_config(config) if stock else modeling.build_encoder(config)
-        model = modeling.TextClassifier(encoder, 2, "mean")
-        model.head.weight.data.normal_(0, 1.0)  # a visible head: logit differences mean something
+        if head == "stock":
+            model = modeling.HFSeqClassifier(AutoModelForSequenceClassification.from_config(config))
+            final = modeling.classifier_output_layer(model)
+        else:
+            encoder = AutoModel.from_config(config) if head == "text+pooler" else modeling.build_encoder(config)
+            model = modeling.TextClassifier(encoder, 2, "mean")
+            final = model.head
+        final.weight.data.normal_(0, 1.0)  # a visible head: logit differences mean something
     return model.eval()
+
+
+def layers_prefix(model) -> str:
+    """The qualified name of the model's list of transformer blocks, with a trailing dot."""
+    layers = modeling.encoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers) + "."
 
 
 def batch(tok, texts=TEXTS):
@@ -79,14 +96,20 @@ def family(request):
     return request.param
 
 
+@pytest.fixture(params=HEADS_KINDS)
+def head(request):
+    return request.param
+
+
 # --------------------------------------------------------------------------- what an adapter knows
 
 
-def test_adapter_finds_every_role_and_the_config_keys(tok, family):
-    model = tiny(tok, family)
+def test_adapter_finds_every_role_and_the_config_keys(tok, family, head):
+    model = tiny(tok, family, head=head)
     adapter = arch.adapter_for(model, "a test")
     assert adapter.model_type == family and arch.adapter_for(model.encoder.config, "a test") is adapter
     assert arch.adapter_for(model.encoder.config.to_dict(), "a test") is adapter
+    assert arch.encoder_of(model) is (model.hf.base_model if head == "stock" else model.encoder)
     config = model.encoder.config.to_dict()
     assert config[adapter.layer_count] == LAYERS and config[adapter.ffn_width] == FFN
     layers = adapter.layers(model.encoder)
@@ -116,22 +139,24 @@ def test_stock_sequence_classifier_resolves_to_its_base_model(tok, family):
 # --------------------------------------------------------------------------- student from layers
 
 
-def test_select_layers_keeps_the_chosen_layers_exactly(tok, family):
-    model = tiny(tok, family, seed=1)
+def test_select_layers_keeps_the_chosen_layers_exactly(tok, family, head):
+    model = tiny(tok, family, seed=1, head=head)
     student = modeling.select_layers(model, [0, 2])
+    assert type(student) is type(model)
     adapter = arch.adapter_for(student, "a test")
     assert len(modeling.encoder_layers(student)) == 2
     assert getattr(student.encoder.config, adapter.layer_count) == 2
     assert getattr(model.encoder.config, adapter.layer_count) == LAYERS  # the teacher is left alone
     t, s = model.state_dict(), student.state_dict()
-    prefix = "encoder." + adapter.layers_path + "."
+    prefix = layers_prefix(model)
     for new, old in ((0, 0), (1, 2)):
         keys = [k for k in s if k.startswith(f"{prefix}{new}.")]
         assert len(keys) == len([k for k in t if k.startswith(f"{prefix}{old}.")]) > 0
         for k in keys:
             assert torch.equal(s[k], t[k.replace(f"{prefix}{new}.", f"{prefix}{old}.")]), k
     shared = [k for k in s if not k.startswith(prefix)]
-    assert "head.weight" in shared and any("word_embeddings" in k for k in shared)
+    assert any("word_embeddings" in k for k in shared) and any("classifier" in k or k.startswith("head.")
+                                                               for k in shared)
     for k in shared:
         assert torch.equal(s[k], t[k]), k
     assert torch.isfinite(logits(student, tok)).all()
@@ -142,22 +167,39 @@ def test_select_layers_keeps_the_chosen_layers_exactly(tok, family):
         modeling.select_layers(model, [0, 3])
 
 
-def test_distilbert_layer_bookkeeping_follows_select_layers(tok):
-    student = modeling.select_layers(tiny(tok, "distilbert"), [1])
+def test_distilbert_layer_bookkeeping_follows_select_layers(tok, head):
+    student = modeling.select_layers(tiny(tok, "distilbert", head=head), [1])
     assert student.encoder.transformer.n_layers == 1 and student.encoder.config.n_layers == 1
 
 
 # --------------------------------------------------------------------------- unstructured pruning
 
 
-def test_unstructured_prunes_exactly_the_layer_linears(tok, family):
-    model = tiny(tok, family, seed=2, stock=True)
+# the Linears outside the transformer blocks, which unstructured pruning leaves alone
+OUTSIDE = {
+    "text": {"bert": ["head"], "distilbert": ["head"], "roberta": ["head"], "xlm-roberta": ["head"],
+             "electra": ["encoder.embeddings_project", "head"]},
+    "text+pooler": {"bert": ["encoder.pooler.dense", "head"], "distilbert": ["head"],
+                    "roberta": ["encoder.pooler.dense", "head"], "xlm-roberta": ["encoder.pooler.dense", "head"],
+                    "electra": ["encoder.embeddings_project", "head"]},
+    "stock": {"bert": ["hf.bert.pooler.dense", "hf.classifier"], "distilbert": ["hf.pre_classifier", "hf.classifier"],
+              "roberta": ["hf.classifier.dense", "hf.classifier.out_proj"],
+              "xlm-roberta": ["hf.classifier.dense", "hf.classifier.out_proj"],
+              "electra": ["hf.electra.embeddings_project", "hf.classifier.dense", "hf.classifier.out_proj"]},
+}
+
+
+@pytest.mark.parametrize("kind", list(OUTSIDE))
+def test_unstructured_prunes_exactly_the_layer_linears(tok, family, kind):
+    model = tiny(tok, family, seed=2, head=kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     targets = prune.encoder_linears(model)
     assert len(targets) == 6 * LAYERS
     names = {n for n, m in model.named_modules() if any(m is t for t in targets)}
-    prefix = "encoder." + arch.adapter_for(model, "a test").layers_path + "."
+    prefix = layers_prefix(model)
     assert all(n.startswith(prefix) for n in names), names
+    outside = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in names]
+    assert outside == OUTSIDE[kind][family]
     amount = 0.37
     prune.mask_linears(targets, amount)
     prune.make_permanent(targets)
@@ -166,12 +208,7 @@ def test_unstructured_prunes_exactly_the_layer_linears(tok, family):
         w = state[f"{name}.weight"]
         assert int((w == 0).sum()) == round(amount * w.numel()), name
     untouched = [k for k in state if not any(k.startswith(n + ".") for n in names)]
-    outside = {"bert": "encoder.pooler.dense.weight", "roberta": "encoder.pooler.dense.weight",
-               "xlm-roberta": "encoder.pooler.dense.weight", "electra": "encoder.embeddings_project.weight"}
-    if family in outside:  # a Linear in the base model but outside the layers: not pruned
-        assert outside[family] in untouched
-        assert int((state[outside[family]] == 0).sum()) == 0
-    assert "head.weight" in untouched
+    assert all(f"{n}.weight" in untouched and int((state[f"{n}.weight"] == 0).sum()) == 0 for n in outside)
     for k in untouched:
         assert torch.equal(state[k], before[k]), k
     stats = prune.sparsity_stats(targets)
@@ -186,10 +223,10 @@ def calibration(tok):
     return tok(TEXTS)["input_ids"], LABELS
 
 
-def test_importance_ranks_a_dead_head_and_channel_last(tok, family):
+def test_importance_ranks_a_dead_head_and_channel_last(tok, family, head):
     """Scores come from pre-hooks on the attention-output and FFN-output Linears: a head whose values are
     zero and a channel the FFN output ignores score exactly 0, the rest more, on every family."""
-    model = tiny(tok, family, seed=3)
+    model = tiny(tok, family, seed=3, head=head)
     adapter = arch.adapter_for(model, "a test")
     layer = layer_of(model, 1)
     with torch.no_grad():
@@ -208,10 +245,10 @@ def test_importance_ranks_a_dead_head_and_channel_last(tok, family):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_removing_a_dead_head_keeps_the_function(tok, family):
+def test_removing_a_dead_head_keeps_the_function(tok, family, head):
     """Slicing Q/K/V rows and attention-output columns per head is aligned with how each family splits
     heads: dropping a head that outputs zero (and an FFN channel that writes nothing) changes no logit."""
-    model = tiny(tok, family, seed=4)
+    model = tiny(tok, family, seed=4, head=head)
     adapter = arch.adapter_for(model, "a test")
     layer = layer_of(model, 0)
     with torch.no_grad():
@@ -229,8 +266,8 @@ def test_removing_a_dead_head_keeps_the_function(tok, family):
     torch.testing.assert_close(logits(model, tok), before, rtol=1e-5, atol=1e-5)
 
 
-def test_structured_shrinks_runs_and_round_trips(tok, family, tmp_path):
-    model = tiny(tok, family, seed=5)
+def test_structured_shrinks_runs_and_round_trips(tok, family, head, tmp_path):
+    model = tiny(tok, family, seed=5, head=head)
     adapter = arch.adapter_for(model, "a test")
     head_imp, ffn_imp = prune.importance_scores(model, calibration(tok), tok.pad_token_id, "cpu")
     plan = prune.structured_plan(model, head_imp, ffn_imp, heads=0.5, ffn=0.5)
@@ -254,11 +291,11 @@ def test_structured_shrinks_runs_and_round_trips(tok, family, tmp_path):
     with torch.inference_mode():  # one short row: no padding at all
         assert torch.isfinite(model(*[t[:1, :3] for t in batch(tok)])).all()
     modeling.save_classifier(model, tok, {"max_length": 64}, tmp_path)
-    head = json.loads((tmp_path / modeling.HEAD).read_text())
-    assert head["layers"] == [{"attention_width": kept_width, "heads": 2, "intermediate": kept_ffn}] * LAYERS
+    saved = json.loads((tmp_path / modeling.HEAD).read_text())
+    assert saved["layers"] == [{"attention_width": kept_width, "heads": 2, "intermediate": kept_ffn}] * LAYERS
     loaded, _, _ = modeling.load_classifier(tmp_path)
-    assert type(loaded.encoder) is type(model.encoder)
-    assert modeling.layer_shapes(loaded) == head["layers"]
+    assert type(loaded) is type(model) and type(loaded.encoder) is type(model.encoder)
+    assert modeling.layer_shapes(loaded) == saved["layers"]
     for layer in modeling.encoder_layers(loaded):
         attention = adapter.attention(layer)
         assert getattr(attention, adapter.heads_attr) == 2 and getattr(attention, adapter.width_attr) == kept_width
@@ -268,32 +305,33 @@ def test_structured_shrinks_runs_and_round_trips(tok, family, tmp_path):
 # --------------------------------------------------------------------------- shapes and FLOPs
 
 
-def expected_flops(seq: int, width: int, ffn: int, family: str, pooler: bool = False) -> float:
+def expected_flops(seq: int, width: int, ffn: int, family: str, per_sequence: int = HIDDEN * 2) -> float:
     per_layer = 4 * HIDDEN * width + 2 * HIDDEN * ffn + 2 * seq * width  # Q/K/V/O, FFN, QK^T and AV
     per_token = LAYERS * per_layer + (EMBED * HIDDEN if family == "electra" else 0)
-    per_sequence = HIDDEN * 2 + (HIDDEN * HIDDEN if pooler else 0)  # head; a stock pooler
     return 2 * (per_token + per_sequence / seq)
 
 
-def test_layer_shapes_and_flops(tok, family):
-    model = tiny(tok, family)
+@pytest.mark.parametrize("kind", list(OUTSIDE))
+def test_layer_shapes_and_flops(tok, family, kind):
+    """Per token: the blocks (and ELECTRA's embedding projection); once per sequence: the head, a pooler,
+    a stock classification head (BERT: pooler + classifier; DistilBERT: pre_classifier + classifier;
+    RoBERTa, ELECTRA: classifier.dense + out_proj: H*H + H*2 each)."""
+    model = tiny(tok, family, head=kind)
     assert modeling.layer_shapes(model) == [{"attention_width": HIDDEN, "heads": HEADS, "intermediate": FFN}] * LAYERS
     assert modeling.layer_shapes(model.encoder) == modeling.layer_shapes(model)
-    assert flops_per_token(model, 10) == pytest.approx(expected_flops(10, HIDDEN, FFN, family))
-    stock = tiny(tok, family, stock=True)
-    pooler = family in ("bert", "roberta", "xlm-roberta")
-    assert (getattr(stock.encoder, "pooler", None) is not None) == pooler
-    assert flops_per_token(stock, 10) == pytest.approx(expected_flops(10, HIDDEN, FFN, family, pooler))
+    pooler = kind == "text+pooler" and family in ("bert", "roberta", "xlm-roberta")
+    per_sequence = HIDDEN * 2 + (HIDDEN * HIDDEN if pooler or kind == "stock" else 0)
+    assert flops_per_token(model, 10) == pytest.approx(expected_flops(10, HIDDEN, FFN, family, per_sequence))
     plan = [{"kept_heads": [0, 3], "kept_channels": list(range(0, FFN, 2)), "heads_before": HEADS,
              "intermediate_before": FFN, "head_size": HEAD_SIZE}] * LAYERS
     prune.shrink(model, plan)
     assert modeling.layer_shapes(model) == [{"attention_width": 16, "heads": 2, "intermediate": 64}] * LAYERS
-    assert flops_per_token(model, 10) == pytest.approx(expected_flops(10, 16, 64, family))
+    assert flops_per_token(model, 10) == pytest.approx(expected_flops(10, 16, 64, family, per_sequence))
 
 
 def test_an_old_artifact_with_a_pooler_still_loads(tok, tmp_path):
     """Encoders are built without the unused pooler now; one saved with it loads with it."""
-    model = tiny(tok, "roberta", stock=True)
+    model = tiny(tok, "roberta", head="text+pooler")
     modeling.save_classifier(model, tok, {"max_length": 64}, tmp_path)
     loaded, _, _ = modeling.load_classifier(tmp_path)
     assert loaded.encoder.pooler is not None

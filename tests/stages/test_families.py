@@ -1,5 +1,6 @@
 """Every supported family through the real stage functions: a tiny random HF checkpoint (3 layers, hidden
-32, 4 heads, FFN 128, saved with save_pretrained beside MiniLM's tokenizer) as `teacher.model`, then
+32, 4 heads, FFN 128, saved with save_pretrained beside MiniLM's tokenizer) as `teacher.model`, a bare
+encoder (optforge's head) or a `*ForSequenceClassification` (its own head, HFSeqClassifier), then
 student from layers, distill, unstructured and structured prune, quantize, evaluate, benchmark (and an AOTI
 compile of a pruned DistilBERT); and the error a stage gives for a model type no adapter knows. Random models: these tests check structure, not accuracy."""
 
@@ -13,42 +14,40 @@ import torch
 from optforge import arch, modeling
 from optforge.artifacts import load_runnable
 from optforge.errors import RecipeError
-from tiny_models import MINILM, sample_batch
+from tiny_models import MINILM, sample_batch, save_tiny_checkpoint
 
 FAMILIES = ["bert", "distilbert", "electra", "roberta", "xlm-roberta"]
 TEXTS = ["the movie was good", "a really dull and boring plot that never ends", "great", "it was quite awful"]
 
 
-def checkpoint(folder, family: str, vocab_size: int):
-    """A stock base model (`AutoModel.from_config`, BERT/RoBERTa with their pooler) saved as an HF folder."""
-    from transformers import AutoConfig, AutoModel
-
-    common = {"vocab_size": vocab_size, "max_position_embeddings": 130, "pad_token_id": 0}
-    if family == "distilbert":
-        config = AutoConfig.for_model("distilbert", dim=32, n_layers=3, n_heads=4, hidden_dim=128, **common)
-    else:
-        extra = {"embedding_size": 16} if family == "electra" else {}
-        config = AutoConfig.for_model(family, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                      intermediate_size=128, **common, **extra)
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
-    modeling.load_tokenizer(MINILM).save_pretrained(folder)
-    return folder
+# 4 heads and FFN 128 (tiny_hf_config's defaults are 2 and 64): structured pruning at 0.5 keeps 2 heads
+# and 64 channels (a multiple of 16) per layer
+SIZE = {"distilbert": {"n_heads": 4, "hidden_dim": 128}}
+SIZE_BERT_LIKE = {"num_attention_heads": 4, "intermediate_size": 128}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(folder, family: str, classifier: bool = False):
+    """A checkpoint as a user brings it: a bare base model (BERT/RoBERTa with their pooler), or a
+    `*ForSequenceClassification` (used as is, with its own head)."""
+    return save_tiny_checkpoint(folder, family, classifier=classifier, **SIZE.get(family, SIZE_BERT_LIKE))
+
+
+@pytest.fixture(scope="module", params=[(f, h) for f in FAMILIES for h in ("text", "stock")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def teacher(request, tmp_path_factory, toy_data, run_stage):
-    """(family, teacher artifact dir, data dir, data metrics): the checkpoint, briefly fine-tuned."""
-    family = request.param
-    root = tmp_path_factory.mktemp(family)
-    tok = modeling.load_tokenizer(MINILM)
-    folder = checkpoint(root / "hf", family, len(tok))
+    """(family, head, teacher artifact dir, data dir, data metrics): a bare encoder given optforge's head
+    ("text"), or a classifier checkpoint keeping its own ("stock"), briefly fine-tuned."""
+    family, head = request.param
+    root = tmp_path_factory.mktemp(f"{family}-{head}")
+    folder = checkpoint(root / "hf", family, classifier=head == "stock")
     data_dir, data_metrics = toy_data
     out = root / "teacher"
     params = {"model": str(folder), "finetune": {"epochs": 0.25, "batch_size": 32, "lr": 1e-3}}
     metrics = run_stage("teacher", params, out, {"data": data_dir}, {"data": data_metrics})
     assert metrics["steps"] == 2 and 0 <= metrics["accuracy"] <= 1
-    return family, out, data_dir, data_metrics
+    model, _, _ = modeling.load_classifier(out)
+    assert type(model) is (modeling.HFSeqClassifier if head == "stock" else modeling.TextClassifier)
+    return family, head, out, data_dir, data_metrics
 
 
 def _logits(model, tokenizer):
@@ -57,20 +56,23 @@ def _logits(model, tokenizer):
 
 
 def test_teacher_keeps_the_family_and_drops_the_unused_pooler(teacher):
-    family, out, _, _ = teacher
+    family, head, out, _, _ = teacher
     model, tokenizer, _ = modeling.load_classifier(out)
     assert arch.adapter_for(model, "a test").model_type == family
-    assert getattr(model.encoder, "pooler", None) is None  # never used: mean pooling + our own head
-    assert not any(".pooler." in k for k in model.state_dict())
+    # optforge's head never uses a pooler; BERT's stock head does (and keeps it)
+    has_pooler = head == "stock" and family == "bert"
+    assert (getattr(model.encoder, "pooler", None) is not None) == has_pooler
+    assert any(".pooler." in k for k in model.state_dict()) == has_pooler
     head = json.loads((out / modeling.HEAD).read_text())
     assert head["layers"] == [{"attention_width": 32, "heads": 4, "intermediate": 128}] * 3
 
 
 def test_student_from_layers_then_distill(teacher, run_stage, tmp_path):
-    family, teacher_dir, data_dir, data_metrics = teacher
+    family, head, teacher_dir, data_dir, data_metrics = teacher
     m = run_stage("student", {"from_teacher": {"layers": [0, 2]}}, tmp_path / "s", {"teacher": teacher_dir})
     assert m["num_layers"] == 2 and m["params"] < m["teacher_params"]
     student, tokenizer, _ = modeling.load_classifier(tmp_path / "s")
+    assert type(student) is (modeling.HFSeqClassifier if head == "stock" else modeling.TextClassifier)
     adapter = arch.adapter_for(student, "a test")
     assert adapter.model_type == family and getattr(student.encoder.config, adapter.layer_count) == 2
     t_layers = modeling.encoder_layers(modeling.load_classifier(teacher_dir)[0])
@@ -85,7 +87,7 @@ def test_student_from_layers_then_distill(teacher, run_stage, tmp_path):
 
 
 def test_unstructured_prune(teacher, run_stage, tmp_path):
-    family, teacher_dir, data_dir, data_metrics = teacher
+    family, head, teacher_dir, data_dir, data_metrics = teacher
     metrics = run_stage("prune", {"method": "unstructured", "amount": 0.5}, tmp_path,
                         {"model": teacher_dir, "data": data_dir}, {"data": data_metrics})
     assert metrics["pruned_weights"] == 3 * (4 * 32 * 32 + 2 * 32 * 128)  # the layer Linears only
@@ -94,12 +96,15 @@ def test_unstructured_prune(teacher, run_stage, tmp_path):
     original, _, _ = modeling.load_classifier(teacher_dir)
     for linear in arch.adapter_for(model, "a test").layer_linears(model.encoder):
         assert int((linear.weight == 0).sum()) == linear.weight.numel() // 2
-    if family == "electra":  # the embedding projection is not a layer Linear
-        assert torch.equal(model.encoder.embeddings_project.weight, original.encoder.embeddings_project.weight)
+    targets = {id(m) for m in arch.adapter_for(model, "a test").layer_linears(model.encoder)}
+    others = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) not in targets]
+    assert others  # optforge's head or the stock one, ELECTRA's embedding projection, BERT's stock pooler
+    for name in others:  # left alone
+        assert torch.equal(model.get_submodule(name).weight, original.get_submodule(name).weight), name
 
 
 def test_structured_prune_then_quantize_and_evaluate(teacher, run_stage, tmp_path):
-    family, teacher_dir, data_dir, data_metrics = teacher
+    family, head, teacher_dir, data_dir, data_metrics = teacher
     metrics = run_stage("prune", {"method": "structured", "heads": 0.5, "ffn": 0.5}, tmp_path / "p",
                         {"model": teacher_dir, "data": data_dir}, {"data": data_metrics})
     assert (metrics["heads_before"], metrics["heads_after"], metrics["ffn_before"], metrics["ffn_after"]) == \
@@ -113,7 +118,9 @@ def test_structured_prune_then_quantize_and_evaluate(teacher, run_stage, tmp_pat
     assert torch.isfinite(ref).all()
 
     q = run_stage("quantize", {"method": "torch-int8-dynamic"}, tmp_path / "q", {"model": tmp_path / "p"})
-    assert q["linears_quantized"] == 18 + (1 if family == "electra" else 0) and q["linears_skipped"] == 0
+    # the base model's Linears: the blocks', plus ELECTRA's embedding projection and BERT's stock pooler
+    extra = (family == "electra") + (family == "bert" and head == "stock")
+    assert q["linears_quantized"] == 18 + extra and q["linears_skipped"] == 0
     runnable = load_runnable(tmp_path / "q", "cpu")
     got = runnable.forward(dict(zip(("input_ids", "attention_mask"), sample_batch(tokenizer, TEXTS))))
     assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item() and not torch.equal(got, ref)
@@ -132,7 +139,7 @@ def test_a_pruned_distilbert_compiles_to_the_same_logits(toy_data, run_stage, tm
     from optforge.artifacts.compiled import example_inputs
 
     data_dir, data_metrics = toy_data
-    checkpoint(tmp_path / "hf", "distilbert", len(modeling.load_tokenizer(MINILM)))
+    checkpoint(tmp_path / "hf", "distilbert")
     run_stage("teacher", {"model": str(tmp_path / "hf"), "finetune": None}, tmp_path / "t", {"data": data_dir},
               {"data": data_metrics})
     run_stage("prune", {"method": "structured", "heads": 0.5, "ffn": 0.5}, tmp_path / "p",

@@ -63,16 +63,16 @@ def tiny_hf_config(family: str, num_labels: int = 2, id2label: dict | None = Non
 
 
 def save_tiny_checkpoint(out: Path, family: str = "bert", classifier: bool = True, seed: int = 0,
-                         num_labels: int = 2, id2label: dict | None = None) -> Path:
+                         num_labels: int = 2, id2label: dict | None = None, **overrides) -> Path:
     """A tiny random checkpoint as a user would bring it: `save_pretrained` of an
     AutoModelForSequenceClassification (classifier=True) or of a bare AutoModel encoder, plus MiniLM's
-    tokenizer files, in `out`."""
+    tokenizer files, in `out`. `overrides`: config keys (e.g. more heads)."""
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     from optforge import modeling
 
-    config = tiny_hf_config(family, num_labels, id2label)
+    config = tiny_hf_config(family, num_labels, id2label, **overrides)
     torch.manual_seed(seed)
     model = (AutoModelForSequenceClassification if classifier else AutoModel).from_config(config)
     out = Path(out)
