@@ -69,7 +69,6 @@ class Adapter:
     heads_attr: str  # its head count attribute (num_attention_heads / n_heads)
     width_attr: str  # its all-heads width attribute (all_head_size / dim)
     ffn_width: str  # the config key of the FFN width
-    heads_key: str  # the config key of the head count
     pooler: Optional[str] = None  # the base model's pooler, when the family has one
     layers_count_attr: Optional[str] = None  # a count kept beside the ModuleList (DistilBERT: n_layers)
     build_kwargs: dict[str, Any] = field(default_factory=dict)  # how optforge builds the base model
@@ -135,7 +134,7 @@ def _bert_like(model_type: str, pooler: Optional[str]) -> Adapter:
         roles={"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
                "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"},
         attention_path="attention.self", heads_attr="num_attention_heads", width_attr="all_head_size",
-        ffn_width="intermediate_size", heads_key="num_attention_heads", pooler=pooler,
+        ffn_width="intermediate_size", pooler=pooler,
         build_kwargs={"add_pooling_layer": False} if pooler else {})
 
 
@@ -148,7 +147,7 @@ register(Adapter(
     roles={"query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
            "attn_out": "attention.out_lin", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2"},
     attention_path="attention", heads_attr="n_heads", width_attr="dim", ffn_width="hidden_dim",
-    heads_key="n_heads", layers_count_attr="n_layers"))
+    layers_count_attr="n_layers"))
 
 
 # --------------------------------------------------------------------------- finding a model's adapter
