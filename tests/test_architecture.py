@@ -26,7 +26,7 @@ PURE = [
     "optforge.methods.quantize", "optforge.methods.compile", "optforge.datasets", "optforge.cache_entry",
     "optforge.stages.registry", "optforge.model_source", "optforge.procs", "optforge.serve.options",
 ]
-HEAVY = ("torch", "transformers", "torchao")
+HEAVY = ("torch", "transformers", "torchao", "onnxruntime", "onnx")
 
 
 def test_pure_modules_import_no_torch():
