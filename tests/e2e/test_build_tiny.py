@@ -120,7 +120,8 @@ CHEAP_EDITS = {
                                              else {"amount": 0.25}), lambda r: f"prune:{r.prune[0].name}"),
     "quantize": (lambda d: d["quantize"].__setitem__(0, d["quantize"][0] | {
         "method": "int8-weight-only" if d["quantize"][0]["method"] == "torch-int8-dynamic" else "torch-int8-dynamic"}),
-        lambda r: [f"quantize:{c.name}" for c in r.configs if c.quantize == r.quantize[0].name]),
+        lambda r: [f"quantize:{c.name}" for c in r.configs if c.quantize == r.quantize[0].name
+                   and c.runtime == "torch"]),  # an onnxruntime row quantizes in its onnxruntime stage
     "benchmark": (lambda d: d["benchmark"].update(min_runs=d["benchmark"].get("min_runs", 20) + 1),
                   lambda r: [f"benchmark:{c.name}" for c in r.configs]),
 }
