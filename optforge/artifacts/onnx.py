@@ -92,8 +92,12 @@ def quantize_dynamic(src: Path, dst: Path) -> None:
 
     from optforge.quiet import dropped
 
-    head = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
-            if n.name.startswith(HEAD_PREFIX)]
+    head = []
+    for node in onnx.load(str(src), load_external_data=False).graph.node:
+        if node.name.startswith(HEAD_PREFIX):
+            # dynamic quantization first rewrites a Gemm as "<name>_MatMul" + "<name>_Add", then quantizes
+            # the MatMul under its new name (onnxruntime.quantization.onnx_model.replace_gemm_with_matmul)
+            head += [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
     # quantize_dynamic logs a hint to run onnxruntime's pre-processing (symbolic shape inference) first: it
     # is for static quantization, and that inference fails on this graph's dynamic sequence axis anyway
     with dropped("Please consider to run pre-processing before quantization"):
