@@ -130,8 +130,7 @@ def _export_float(artifact_dir: Path, meta: dict, path: Path, notes: list[str]) 
     from optforge import modeling
     from optforge.artifacts import onnx as ort_artifact
     from optforge.errors import KERNEL_ERRORS, OptforgeError, one_line
-    from optforge.methods.compile import allowed_difference
-    from optforge.stages.compile import verify
+    from optforge.stages.onnxruntime import check_export
 
     if meta.get("precision", "fp32") != "fp32":
         notes.append(f"the {meta['precision']} weights were exported as fp32 (ONNX Runtime's CPU kernels for "
@@ -143,13 +142,7 @@ def _export_float(artifact_dir: Path, meta: dict, path: Path, notes: list[str]) 
             ort_artifact.export(model, tokenizer, path)
         except KERNEL_ERRORS as e:
             raise OptforgeError(f"onnx export of {artifact_dir} failed: {one_line(e)}") from e
-        forward = ort_artifact.OrtForward(ort_artifact.session(path, threads=1, optimize_at_load=True))
-        diff, scale = verify(forward, model, tokenizer, "cpu", 8, int(meta["max_length"]),
-                             what="exported ONNX model")
-        allowed = allowed_difference("float", "fp32", scale, None)
-        if diff > allowed:
-            raise OptforgeError(f"the exported ONNX model's logits differ from PyTorch's by {diff:.3g} "
-                                f"(> {allowed:.3g} allowed)")
+        check_export(path, model, tokenizer, max_batch=8, max_length=int(meta["max_length"]), threads=1)
     except OptforgeError:
         path.unlink(missing_ok=True)  # never leave a model that was not checked
         raise

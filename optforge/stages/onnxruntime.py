@@ -71,12 +71,7 @@ def run(ctx: StageContext) -> dict:
         metrics["export_s"] = time.perf_counter() - t0
         metrics["nodes_exported"] = sum(artifact.op_counts(graph).values())
         if params.quantization is not None:
-            exported = _ort_forward(artifact, graph, threads)
-            diff, scale = verify(exported, model, tokenizer, "cpu", CHECK_BATCH, max_length, what="exported model")
-            allowed = allowed_difference("float", "fp32", scale, None)
-            if diff > allowed:
-                raise StageFailure(f"exported ONNX logits differ from PyTorch by {diff:.3g} (> {allowed:.3g} allowed)")
-            metrics["export_max_abs_diff"] = diff
+            metrics["export_max_abs_diff"] = check_export(graph, model, tokenizer, CHECK_BATCH, max_length, threads)
             t0 = time.perf_counter()
             with kernel_failure(f"onnxruntime {params.quantization}"):
                 artifact.quantize_dynamic(graph, Path(tmp) / "quantized.onnx")
@@ -135,9 +130,19 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def _ort_forward(artifact, graph: Path, threads: int):
-    """A forward over a graph not optimized offline (the exported one, checked before quantizing)."""
-    return artifact.OrtForward(artifact.session(graph, threads, optimize_at_load=True))
+def check_export(graph: Path, model, tokenizer, max_batch: int, max_length: int, threads: int) -> float:
+    """The max |logit| difference between an exported (not yet optimized) fp32 graph run by ONNX Runtime and
+    the PyTorch model, over the compile stage's check shapes; StageFailure above the fp32 tolerance."""
+    from optforge.artifacts import onnx as artifact
+    from optforge.methods.compile import allowed_difference
+    from optforge.stages.compile import verify
+
+    forward = artifact.OrtForward(artifact.session(graph, threads, optimize_at_load=True))
+    diff, scale = verify(forward, model, tokenizer, "cpu", max_batch, max_length, what="exported ONNX model")
+    allowed = allowed_difference("float", "fp32", scale, None)
+    if diff > allowed:
+        raise StageFailure(f"exported ONNX logits differ from PyTorch by {diff:.3g} (> {allowed:.3g} allowed)")
+    return diff
 
 
 KIND = StageKind(kind="onnxruntime", version="1", params_model=OnnxRuntimeParams, run=run, hardware_bound=True,
