@@ -25,6 +25,8 @@ PURE = [
     "optforge.metrics", "optforge.prune_counts", "optforge.report", "optforge.cli", "optforge.artifacts",
     "optforge.methods.quantize", "optforge.methods.compile", "optforge.datasets", "optforge.cache_entry",
     "optforge.stages.registry", "optforge.model_source", "optforge.procs", "optforge.serve.options",
+    # imported by the registry and by `optforge export` before anything runs: onnxruntime inside functions only
+    "optforge.stages.onnxruntime", "optforge.artifacts.onnx", "optforge.export.onnx",
 ]
 HEAVY = ("torch", "transformers", "torchao", "onnxruntime", "onnx")
 
