@@ -81,16 +81,19 @@ class FileHashes:
 _VERSIONS: dict[str, str | None] | None = None
 
 
-def library_versions() -> dict[str, str | None]:
-    """Installed versions from package metadata (importing torch would cost seconds)."""
+def library_versions(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed versions from package metadata (importing torch would cost seconds), memoised; None for a
+    library that is not installed."""
     global _VERSIONS
     if _VERSIONS is None:
+        _VERSIONS = {}
+    missing = [lib for lib in libraries if lib not in _VERSIONS]
+    if missing:
         from importlib import metadata
 
-        _VERSIONS = {}
-        for lib in LIBRARIES:
+        for lib in missing:
             try:
                 _VERSIONS[lib] = metadata.version(lib)
             except metadata.PackageNotFoundError:
                 _VERSIONS[lib] = None
-    return dict(_VERSIONS)
+    return {lib: _VERSIONS[lib] for lib in libraries}

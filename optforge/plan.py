@@ -29,6 +29,7 @@ class KindInfo:
     hardware_bound: bool = False
     uses_torch: bool = True
     tolerates_failed_inputs: bool = False  # runs on the inputs that succeeded (never enters the key)
+    libraries: tuple[tuple[str, Optional[str]], ...] = ()  # (library, installed version) of StageKind.libraries
 
 
 @dataclass
@@ -55,6 +56,8 @@ def key_material(kind: str, info: KindInfo, params: dict, input_keys: Mapping[st
                 "inputs": dict(input_keys), "data": dict(data)}
     if info.uses_torch:
         material["versions"] = dict(versions)
+    if info.libraries:
+        material["versions"] = material.get("versions", {}) | dict(info.libraries)
     if info.hardware_bound:
         material["device"] = device
     return material

@@ -17,6 +17,7 @@ untouched. The CLI's group calls `quiet_imports` once, before any command import
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 # logger name -> a piece of the one message of it that is noise
@@ -46,3 +47,19 @@ def quiet_imports(verbose: bool = False) -> None:
             logger.removeFilter(noise_filter)
         else:
             logger.addFilter(noise_filter)  # adding it twice keeps one
+
+
+@contextlib.contextmanager
+def dropped(marker: str, logger: str = ""):
+    """For the duration, records of `logger` (default: the root logger) whose message holds `marker` are
+    dropped. The root logger also gets a NullHandler meanwhile: `logging.warning(...)` on a root logger
+    without handlers would otherwise install a stderr handler for good (logging.basicConfig)."""
+    log = logging.getLogger(logger)
+    drop, null = _DropMessage(marker), logging.NullHandler()
+    log.addFilter(drop)
+    log.addHandler(null)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+        log.removeHandler(null)

@@ -20,6 +20,10 @@ NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 Precision = Literal["fp32", "bf16", "fp16"]
+# What runs a configuration's model: PyTorch (eager, quantized, compiled), or ONNX Runtime on the exported
+# graph (optforge.stages.onnxruntime: CPU, fp32 or ONNX Runtime dynamic int8)
+Runtime = Literal["torch", "onnxruntime"]
+DEFAULT_RUNTIME = "torch"
 # Derived from the method registries (optforge.methods): a new method or mode is one definition there.
 CompileMode = Literal[compile_methods.mode_names()]
 QuantMethod = Literal[tuple(quant_methods.QUANT_METHODS)]
@@ -290,6 +294,7 @@ class ConfigSpec(Strict):
     quantize: Optional[str] = None  # a quantize entry's name
     compile: CompileMode = "none"
     devices: Optional[list[Device]] = Field(None, min_length=1)  # where the row runs; None: every device
+    runtime: Runtime = DEFAULT_RUNTIME  # onnxruntime: exported to ONNX and run by ONNX Runtime (CPU)
 
     @field_validator("devices")
     @classmethod
@@ -297,6 +302,15 @@ class ConfigSpec(Strict):
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"devices must be unique, got {shown(v)}")
         return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """The default runtime stays out of dumps: a recipe written before `runtime` existed hashes as it
+        did (session.env), and a dump still validates to the same row."""
+        out = handler(self)
+        if out.get("runtime") == DEFAULT_RUNTIME:
+            del out["runtime"]
+        return out
 
     def runs_on(self, device: str) -> bool:
         return self.devices is None or device in self.devices
@@ -520,12 +534,35 @@ def _reference_problems(r: Recipe) -> list[tuple[tuple, str]]:
             out.append((("configs", i, "model"), _unknown("model", c.model, models)))
         if c.quantize is not None and c.quantize not in qnames:
             out.append((("configs", i, "quantize"), _unknown("quantize entry", c.quantize, qnames)))
+        if c.runtime == "onnxruntime":
+            out += _onnxruntime_problems(r, i, c)
     cnames = [c.name for c in r.configs]
     if r.baseline is not None and r.baseline not in cnames:
         out.append((("baseline",), _unknown("config", r.baseline, cnames)))
     sb = r.serve_benchmark
     if sb is not None and sb.config != "best" and sb.config not in cnames:
         out.append((("serve_benchmark", "config"), _unknown("config", sb.config, cnames + ["best"])))
+    return out
+
+
+def _onnxruntime_problems(r: Recipe, i: int, c: ConfigSpec) -> list[tuple[tuple, str]]:
+    """What a `runtime: onnxruntime` row cannot have: a PyTorch compile, a precision other than fp32, a
+    quantize entry whose method has no ONNX Runtime counterpart (methods.quantize: `onnxruntime`)."""
+    out = []
+    if c.compile != compile_methods.NONE:
+        out.append((("configs", i, "compile"),
+                    f"compile: {c.compile} does not apply to a `runtime: onnxruntime` row: ONNX Runtime optimizes "
+                    f"the exported graph itself; use compile: none, or runtime: torch to compile with PyTorch"))
+    if c.precision != "fp32":
+        out.append((("configs", i, "precision"),
+                    f"runtime: onnxruntime computes in fp32 (int8 through a quantize entry); got {c.precision} "
+                    f"(use fp32, or runtime: torch for {c.precision})"))
+    step = next((q for q in r.quantize if q.name == c.quantize), None)
+    if step is not None and quant_methods.get_method(step.method).onnxruntime is None:
+        out.append((("configs", i, "quantize"),
+                    f"quantize entry {c.quantize!r} uses {step.method}, which has no ONNX Runtime counterpart; "
+                    f"with runtime: onnxruntime use an entry whose method is one of: "
+                    f"{', '.join(quant_methods.onnxruntime_methods())} (ONNX Runtime dynamic int8)"))
     return out
 
 
@@ -631,6 +668,21 @@ class QuantizeParams(Strict):
         """The stage parameters (JSON) of quantize entry `spec` in a row computing in `precision`."""
         step = {k: v for k, v in spec.model_dump(mode="json", context=KEY_COMPAT).items() if k != "name"}
         return cls.model_validate(step | {"precision": precision}).model_dump(mode="json")
+
+
+class OnnxRuntimeParams(Strict):
+    """The onnxruntime stage's parameters: what the exported graph computes in. `quantization` is the ONNX
+    Runtime quantization the row's quantize entry maps to (methods.quantize: `onnxruntime`), so entries of
+    different methods that mean the same ONNX Runtime quantization share one stage key."""
+
+    precision: Literal["fp32"] = "fp32"
+    quantization: Optional[Literal[quant_methods.ORT_QUANTIZATIONS]] = None
+
+    @classmethod
+    def for_row(cls, recipe: "Recipe", c: ConfigSpec) -> dict:
+        step = next((q for q in recipe.quantize if q.name == c.quantize), None)
+        quantization = quant_methods.get_method(step.method).onnxruntime if step is not None else None
+        return cls.model_validate({"precision": c.precision, "quantization": quantization}).model_dump(mode="json")
 
 
 class CompileParams(Strict):

@@ -46,7 +46,8 @@ class Session:
     def plan(self, force=()) -> list[StagePlan]:
         for f in force:
             self.graph.require(f)
-        infos = {k: KindInfo(v.version, v.hardware_bound, v.uses_torch, v.tolerates_failed_inputs)
+        infos = {k: KindInfo(v.version, v.hardware_bound, v.uses_torch, v.tolerates_failed_inputs,
+                             tuple(library_versions(v.libraries).items()) if v.libraries else ())
                  for k, v in self.kinds.items()}
         params = {n: p.model_dump(mode="json") for n, p in self.params.items()}
         data_paths = {n.name: dict(n.data_files) for n in self.graph.nodes if n.data_files}
@@ -80,9 +81,11 @@ class Session:
         # local files: their content hashes; a hub dataset: what names it
         data = self.data_sha.get("data") or (self.graph["data"].params if "data" in self.graph.by_name
                                              else self.data_sha)
+        # the libraries stage kinds of this graph declare (onnxruntime rows: onnxruntime, onnx)
+        extra = tuple(sorted({lib for k in self.kinds.values() for lib in k.libraries}))
         return {"recipe_hash": sha256_json(recipe),
                 "device": self.device_fp,
-                "versions": {**self.versions, "optforge": __version__},
+                "versions": {**self.versions, **library_versions(extra), "optforge": __version__},
                 "data_fingerprint": sha256_json(data)}
 
     def save_hashes(self) -> None:

@@ -26,8 +26,10 @@ PURE = [
     "optforge.methods.quantize", "optforge.methods.compile", "optforge.datasets", "optforge.cache_entry",
     "optforge.stages.registry", "optforge.model_source", "optforge.procs", "optforge.serve.options",
     "optforge.labels", "optforge.arch",
+    # imported by the registry and by `optforge export` before anything runs: onnxruntime inside functions only
+    "optforge.stages.onnxruntime", "optforge.artifacts.onnx", "optforge.export.onnx",
 ]
-HEAVY = ("torch", "transformers", "torchao")
+HEAVY = ("torch", "transformers", "torchao", "onnxruntime", "onnx")
 
 
 def test_pure_modules_import_no_torch():

@@ -74,3 +74,32 @@ def test_mermaid_and_dot_list_every_edge(tmp_path):
     mermaid, dot = to_mermaid(g), to_dot(g)
     assert mermaid.startswith("flowchart TD") and mermaid.count("-->") == edges
     assert dot.startswith("digraph") and dot.count(" -> ") == edges and '"prune:p1" -> "prune:p2"' in dot
+
+
+def test_onnxruntime_rows_export_instead_of_quantizing(tmp_path):
+    """A `runtime: onnxruntime` row runs the onnxruntime stage on the float model (it quantizes itself);
+    torch-int8-dynamic and int8-dynamic entries both mean ONNX Runtime dynamic int8 there, so two such rows
+    on one model share one stage key."""
+    recipe = RECIPE | {"quantize": [{"name": "q", "method": "int8-dynamic"}, {"name": "d", "method": "torch-int8-dynamic"}],
+                       "configs": [{"name": "base"},
+                                   {"name": "ort", "runtime": "onnxruntime"},
+                                   {"name": "ort8", "model": "p1", "quantize": "q", "runtime": "onnxruntime"},
+                                   {"name": "ortd", "model": "p1", "quantize": "d", "runtime": "onnxruntime"},
+                                   {"name": "torch8", "model": "p1", "quantize": "q"}]}
+    g = build_graph(Recipe.model_validate(recipe), tmp_path)
+    assert [x for x in g.names() if x.endswith(":ort8")] == ["onnxruntime:ort8", "evaluate:ort8", "benchmark:ort8"]
+    assert g["onnxruntime:ort8"].inputs == {"model": "prune:p1", "data": "data"}
+    assert g["onnxruntime:ort8"].params == g["onnxruntime:ortd"].params == {
+        "precision": "fp32", "quantization": "int8-dynamic"}
+    assert g["onnxruntime:ort"].params == {"precision": "fp32", "quantization": None}
+    assert g["benchmark:ort8"].inputs["model"] == "onnxruntime:ort8"
+    assert "quantize:torch8" in g.names() and "onnxruntime:torch8" not in g.names()
+
+
+def test_the_default_runtime_stays_out_of_dumps():
+    """Recipes written before `runtime` existed keep their recipe hash (session.env dumps the recipe)."""
+    r = Recipe.model_validate(RECIPE)
+    assert all("runtime" not in c for c in r.model_dump(mode="json")["configs"])
+    ort = Recipe.model_validate(RECIPE | {"configs": [{"name": "base", "runtime": "onnxruntime"}]})
+    dumped = ort.model_dump(mode="json")
+    assert dumped["configs"][0]["runtime"] == "onnxruntime" and Recipe.model_validate(dumped) == ort

@@ -86,6 +86,20 @@ def test_device_and_versions_only_where_declared():
     assert k(no_torch, CPU, VERSIONS) == k(no_torch, CPU, VERSIONS | {"torch": "9"})
 
 
+def test_a_kinds_own_libraries_enter_its_key_and_reasons(world):
+    """StageKind.libraries (onnxruntime's stage: onnxruntime, onnx) key that kind only, with or without torch."""
+    ort = lambda v: KindInfo("1", hardware_bound=True, libraries=(("onnxruntime", v),))  # noqa: E731
+    k = lambda info: stage_key(key_material("k", info, {}, {}, {}, VERSIONS, CPU))  # noqa: E731
+    assert k(ort("1.32.0")) != k(ort("1.33.0")) and k(ort("1.32.0")) != k(KindInfo("1", hardware_bound=True))
+    no_torch = KindInfo("1", uses_torch=False, libraries=(("onnx", "1.23.2"),))
+    assert key_material("k", no_torch, {}, {}, {}, VERSIONS, CPU)["versions"] == {"onnx": "1.23.2"}
+    world.kinds["bench"] = ort("1.32.0")
+    world.build()
+    world.kinds["bench"] = ort("1.33.0")
+    v = world.verdicts()
+    assert v["bench:t"] == ("stale", ["onnxruntime 1.32.0 -> 1.33.0"]) and v["teacher"][0] == "fresh"
+
+
 def test_first_plan_says_new_stage():
     assert {p.reasons[0] for p in World().plan()} == {"new stage"}
 

@@ -85,6 +85,16 @@ CASES = [
     ("config-needs-tokenizer", edit(7, ""), 5, "teacher", "needs a `tokenizer`"),
     ("distill-without-student", GOOD.replace("student:\n  from_teacher: {layers: [0]}\n", ""), 8, "distill",
      "needs a `student`"),
+    ("runtime-typo", edit(19, "  - {name: small, model: p1, runtime: onnxruntim}"), 19, "configs[1].runtime",
+     "did you mean 'onnxruntime'"),
+    ("onnxruntime-compiled", edit(19, "  - {name: small, model: p1, runtime: onnxruntime, compile: default}"), 19,
+     "configs[1].compile", "compile: default does not apply to a `runtime: onnxruntime` row"),
+    ("onnxruntime-bf16", edit(19, "  - {name: small, model: p1, runtime: onnxruntime, precision: bf16}"), 19,
+     "configs[1].precision", "runtime: onnxruntime computes in fp32 (int8 through a quantize entry); got bf16"),
+    ("onnxruntime-int4", edit(19, "  - {name: small, model: p1, runtime: onnxruntime, quantize: q4}"), 19,
+     "configs[1].quantize", "quantize entry 'q4' uses int4-weight-only, which has no ONNX Runtime "
+     "counterpart; with runtime: onnxruntime use an entry whose method is one of: torch-int8-dynamic, "
+     "int8-dynamic (ONNX Runtime dynamic int8)"),
 ]
 
 

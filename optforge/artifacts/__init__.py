@@ -9,6 +9,7 @@ An artifact is a directory with `optforge_model.json` whose "format" names its k
   torchao              optforge.artifacts.quantized  quantize (torchao tensor subclasses)
   aoti                 optforge.artifacts.compiled   compile (AOTInductor package)
   compiled             optforge.artifacts.compiled   compile (torch.compile + Inductor cache artifacts)
+  onnx                 optforge.artifacts.onnx       onnxruntime (an ONNX graph ONNX Runtime runs, fp32 or int8)
 
 Each module has `load(artifact_dir, device, precision) -> Runnable`. Importing this package imports no
 torch; the format's module is imported when an artifact of that format is loaded.
@@ -27,6 +28,7 @@ FORMATS: dict[str, str] = {  # format -> module with `load`
     "torchao": "optforge.artifacts.quantized",
     "aoti": "optforge.artifacts.compiled",
     "compiled": "optforge.artifacts.compiled",
+    "onnx": "optforge.artifacts.onnx",
 }
 
 

@@ -136,13 +136,15 @@ class AtCompileThreads:
             torch.set_num_threads(old)
 
 
-class AOTIRunnable(Runnable):
-    """A Runnable around an AOTI package, which has no module to inspect: parameter counts come from
-    optforge_model.json, FLOPs from a weightless (meta-device) skeleton with the saved Linear shapes."""
+class ShapesRunnable(Runnable):
+    """A Runnable around a callable with no module to inspect (an AOTInductor package, an ONNX Runtime
+    session): parameter counts come from optforge_model.json ("params", "nonzero_params"), FLOPs from a
+    weightless (meta-device) skeleton built from the artifact's config.json, head.json and the saved
+    Linear shapes ("linear_shapes")."""
 
     def __init__(self, *args, shapes_dir: Path, **kwargs):
         super().__init__(*args, **kwargs)
-        self._shapes_dir = shapes_dir
+        self._shapes_dir = Path(shapes_dir)
         self._skeleton = None
 
     def param_count(self) -> tuple[int, int]:
@@ -172,8 +174,8 @@ def load(artifact_dir, device: str, precision: str = "fp32") -> Runnable:
     if meta["format"] == "aoti":
         tokenizer = AutoTokenizer.from_pretrained(str(artifact_dir / modeling.TOKENIZER_DIR))
         fn = torch._inductor.aoti_load_package(str(artifact_dir / PACKAGE))
-        return AOTIRunnable(fn, tokenizer, meta, device, precision=meta["precision"], artifact_dir=artifact_dir,
-                            description=f"aoti {meta['precision']}", shapes_dir=artifact_dir)
+        return ShapesRunnable(fn, tokenizer, meta, device, precision=meta["precision"], artifact_dir=artifact_dir,
+                              description=f"aoti {meta['precision']}", shapes_dir=artifact_dir)
     if meta["format"] == "compiled":
         model, tokenizer, _ = load_eager(artifact_dir / EAGER_DIR, device, meta["precision"])
         torch.compiler.load_cache_artifacts((artifact_dir / CACHE_BLOB).read_bytes())

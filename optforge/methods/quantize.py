@@ -11,7 +11,10 @@ A method declares
     weight-only methods that dequantize);
   - `apply(model, params, device)`: quantize the encoder's nn.Linear layers in place (the classification
     head, out_features = num_labels, stays float: too narrow for packed kernels, negligible cost) and
-    return {"quantized": n, "skipped": n}.
+    return {"quantized": n, "skipped": n};
+  - `onnxruntime`: what the method means in a `runtime: onnxruntime` row, one of ORT_QUANTIZATIONS (ONNX
+    Runtime quantizes the exported graph itself: optforge.stages.onnxruntime), or None where it has no
+    ONNX Runtime counterpart (the recipe refuses such a row, located).
 
 Importing this module imports neither torch nor torchao (the recipe schema is built from it); `apply`
 imports what it needs. Adding a method: a subclass here with `@register`, plus its case in
@@ -40,6 +43,7 @@ class QuantMethod:
     format: ClassVar[str] = "torchao"
     compute_precision: ClassVar[Optional[str]] = None
     summary: ClassVar[str] = ""
+    onnxruntime: ClassVar[Optional[str]] = None  # the ONNX Runtime quantization it maps to (ORT_QUANTIZATIONS)
 
     def check(self, precision: str, device: str) -> None:
         """StageFailure, before any work, for a combination that cannot run on this device."""
@@ -61,10 +65,23 @@ class QuantMethod:
 
 QUANT_METHODS: dict[str, QuantMethod] = {}
 
+# What a `runtime: onnxruntime` row can quantize to (optforge.stages.onnxruntime implements each):
+#   int8-dynamic  onnxruntime.quantization.quantize_dynamic: int8 weights with a scale per output channel,
+#                 activations quantized per tensor at run time (DynamicQuantizeMatMul / MatMulIntegerToFloat)
+ORT_QUANTIZATIONS: tuple[str, ...] = ("int8-dynamic",)
+
+
+def onnxruntime_methods() -> list[str]:
+    """The methods a `runtime: onnxruntime` row accepts, in registration order."""
+    return [m.name for m in QUANT_METHODS.values() if m.onnxruntime is not None]
+
 
 def register(cls: type[QuantMethod]) -> type[QuantMethod]:
     if cls.name in QUANT_METHODS:
         raise ValueError(f"quantization method {cls.name!r} is registered twice")
+    if cls.onnxruntime is not None and cls.onnxruntime not in ORT_QUANTIZATIONS:
+        raise ValueError(f"quantization method {cls.name!r}: onnxruntime {cls.onnxruntime!r} is not one of "
+                         f"{', '.join(ORT_QUANTIZATIONS)}")
     QUANT_METHODS[cls.name] = cls()
     return cls
 
@@ -139,6 +156,7 @@ class TorchInt8Dynamic(QuantMethod):
     format = "torch-int8-dynamic"
     compute_precision = "int8"
     summary = "PyTorch dynamic int8 (CPU)"
+    onnxruntime = "int8-dynamic"
 
     def precision_reason(self, precision, device, allowed):
         return f"torch-int8-dynamic computes in fp32; got precision {precision} (use fp32)"
@@ -173,6 +191,7 @@ class Int8Dynamic(QuantMethod):
     name = "int8-dynamic"
     compute_precision = "int8"
     summary = "torchao int8 dynamic activations, int8 weights"
+    onnxruntime = "int8-dynamic"
 
     def apply(self, model, params, device):
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig

@@ -21,9 +21,10 @@ def _p50(row: dict, b: str, scope: str) -> Optional[float]:
 
 def _twin(rows: list[dict], row: dict, **changes) -> Optional[dict]:
     """The built row that differs from `row` only in the given fields."""
-    want = {k: row[k] for k in ("model", "precision", "quantization", "compiled")} | changes
+    keys = ("model", "precision", "quantization", "compiled", "runtime")
+    want = {k: row.get(k) for k in keys} | changes
     for r in rows:
-        if r is not row and r["status"] == "ok" and all(r[k] == v for k, v in want.items()):
+        if r is not row and r["status"] == "ok" and all(r.get(k) == v for k, v in want.items()):
             return r
     return None
 

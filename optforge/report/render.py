@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from optforge.methods.quantize import QUANT_METHODS
 from optforge.report import fmt
 from optforge.report.compare import compare as compare_docs
 from optforge.report.compare import load_previous
@@ -67,7 +68,10 @@ def _verdict_class(row: dict) -> str:
 
 def _what(row: dict) -> str:
     parts = [row["model_description"], row["precision"]]
-    if row["quantization"]:
+    if row.get("runtime") == "onnxruntime":  # results.json written before `runtime` has none: torch
+        method = QUANT_METHODS.get(row["quantization"] or "")
+        parts.append("ONNX Runtime" + (f" {method.onnxruntime}" if method is not None else ""))
+    elif row["quantization"]:
         parts.append(row["quantization"])
     if row["compiled"]:
         parts.append(f"compiled ({row['compile_mode']})")

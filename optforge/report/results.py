@@ -89,6 +89,7 @@ def build_rows(recipe, graph, results: dict) -> list[dict]:
             "quantize_entry": c.quantize,
             "compiled": c.compile != "none",
             "compile_mode": c.compile,
+            "runtime": c.runtime,
         }
         rows.append(row | measured_row(c.name, status, reason,
                                        (ev.get("metrics") or {}) if ev.get("status") == "ok" else {},

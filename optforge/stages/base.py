@@ -42,6 +42,7 @@ class StageKind:
     run: Callable[["StageContext"], dict]
     hardware_bound: bool = False  # device fingerprint enters the key (compile, benchmark...)
     uses_torch: bool = True  # torch/transformers/torchao versions enter the key
+    libraries: tuple[str, ...] = ()  # other libraries whose installed versions enter the key (onnxruntime...)
     # Runs even when some inputs failed or were skipped, and is handed only the inputs that succeeded
     # (serve_benchmark with `config: best` depends on every row; one failed row must not cancel it).
     tolerates_failed_inputs: bool = False

@@ -223,8 +223,10 @@ def _clear_cache_artifacts() -> None:
         pass
 
 
-def verify(fn, model, tokenizer, device: str, max_batch: int, max_length: int) -> tuple[float, float]:
-    """(max |fn - model| over the check shapes, max |eager logit|)."""
+def verify(fn, model, tokenizer, device: str, max_batch: int, max_length: int,
+           what: str = "compiled model") -> tuple[float, float]:
+    """(max |fn - model| over the check shapes, max |eager logit|); StageFailure naming `what` when `fn`
+    fails or gives non-finite logits at a shape."""
     import torch
 
     from optforge.artifacts.compiled import example_inputs
@@ -238,9 +240,9 @@ def verify(fn, model, tokenizer, device: str, max_batch: int, max_length: int) -
             try:
                 got = fn(*inputs).float()
             except RuntimeError as e:
-                raise StageFailure(f"compiled model fails at batch {b}, seq {s}: {one_line(e)}") from e
+                raise StageFailure(f"{what} fails at batch {b}, seq {s}: {one_line(e)}") from e
             if not torch.isfinite(got).all():
-                raise StageFailure(f"compiled model gives non-finite logits at batch {b}, seq {s}")
+                raise StageFailure(f"{what} gives non-finite logits at batch {b}, seq {s}")
             worst = max(worst, (got - ref).abs().max().item())
             scale = max(scale, ref.abs().max().item())
     return worst, scale

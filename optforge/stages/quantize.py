@@ -107,7 +107,9 @@ def _row_params(recipe, c) -> dict:
 
 
 KIND = StageKind(kind="quantize", version="1", params_model=QuantizeParams, run=run, hardware_bound=True,
-                 row=RowStep(order=10, measure=False, applies=lambda recipe, c: c.quantize is not None,
+                 # a `runtime: onnxruntime` row quantizes in the onnxruntime stage (ONNX Runtime's quantization)
+                 row=RowStep(order=10, measure=False,
+                             applies=lambda recipe, c: c.quantize is not None and c.runtime == "torch",
                              params=_row_params))
 
 

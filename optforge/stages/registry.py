@@ -19,6 +19,7 @@ _KINDS: dict[str, str] = {
     "distill": "optforge.stages.distill:KIND",
     "prune": "optforge.stages.prune:KIND",
     "quantize": "optforge.stages.quantize:KIND",
+    "onnxruntime": "optforge.stages.onnxruntime:KIND",
     "compile": "optforge.stages.compile:KIND",
     "evaluate": "optforge.stages.evaluate:KIND",
     "benchmark": "optforge.stages.benchmark:KIND",
