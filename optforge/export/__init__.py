@@ -18,6 +18,10 @@ Each format is a module (named in `FORMATS`, imported when used) with one contra
   load_logits(out: Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]
       (input_ids int64 [B, T], attention_mask int64 [B, T]) -> float32 logits [B, num_labels], through
       the target runtime alone: what the round trip compares with the cached artifact.
+  TOKENIZER = "tokenizer"   (optional) where in `out` the Hugging Face tokenizer files are ("." : `out`
+      itself); the round trip then also checks that `AutoTokenizer.from_pretrained` of it, called plainly
+      (`tokenizer(texts, truncation=True)`), gives the token ids optforge gives (`save_tokenizer` writes
+      it so: it truncates at the row's max_length).
 
 `optforge.export.command.export_row` resolves the row, verifies its cache entry, writes the export into
 a temporary directory beside the destination, runs the round trip, writes the model card and MANIFEST,
@@ -92,6 +96,19 @@ def refusal(module: ModuleType, meta: dict, artifact_dir: Path) -> Optional[str]
 def available(meta: dict, artifact_dir: Path) -> list[str]:
     """The installed formats that can take this row."""
     return [name for name in installed() if refusal(format_module(name), meta, artifact_dir) is None]
+
+
+def save_tokenizer(artifact_dir: Path, out: Path, max_length: int) -> None:
+    """The artifact's tokenizer saved into `out`, truncating at `max_length` by default (model_max_length):
+    the row's inputs, as a plain `tokenizer(texts, truncation=True)` call makes them."""
+    from transformers import AutoTokenizer
+
+    from optforge import modeling
+
+    with modeling._quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(artifact_dir) / modeling.TOKENIZER_DIR),
+                                                  model_max_length=int(max_length))
+        tokenizer.save_pretrained(str(out))
 
 
 def not_exportable(fmt: str, reason: str, others: list[str]) -> str:

@@ -125,7 +125,7 @@ def _round_trip(module, staged: Path, artifact: Path, device: str, row_meta: dic
     from optforge import training
     from optforge.artifacts import load_runnable
     from optforge.methods.compile import allowed_difference
-    from optforge.export.roundtrip import compare
+    from optforge.export.roundtrip import compare, compare_tokens
     from optforge.stages.data import EVAL_FILE, read_examples
 
     texts, _ = read_examples(data_dir / EVAL_FILE)
@@ -150,6 +150,13 @@ def _round_trip(module, staged: Path, artifact: Path, device: str, row_meta: dic
     rt["precision"] = row_meta["precision"]
     rt["reference"] = f"{runnable.description} on {device}, loaded by optforge"
     problems = []
+    tokenizer_dir = getattr(module, "TOKENIZER", None)
+    rt["tokens"] = compare_tokens(runnable, staged / tokenizer_dir, texts) if tokenizer_dir else None
+    if rt["tokens"] is not None and rt["tokens"]["identical"] != len(texts):
+        m = rt["tokens"]["first_mismatch"]
+        problems.append(f"the exported tokenizer gives other token ids for {len(texts) - rt['tokens']['identical']} "
+                        f"of {len(texts)} texts (first: {m['text'][:60]!r}: {len(m['exported'])} ids, optforge "
+                        f"{len(m['cached'])})")
     if not rt["finite"]:
         problems.append("the exported model gives non-finite logits")
     if rt["argmax_identical"] != rt["examples"]:

@@ -3,7 +3,7 @@ as it is, plus its tokenizer and a config.json with the labels and the shapes th
 
   model.pt2      the package (generated C++ compiled into a shared library, plus the weights);
                  `torch._inductor.aoti_load_package` loads it: torch alone, no compiler, no optforge
-  tokenizer/     the Hugging Face tokenizer files (`AutoTokenizer.from_pretrained`)
+  tokenizer/     the Hugging Face tokenizer files (`AutoTokenizer.from_pretrained`), truncating at max_length
   config.json    {"id2label", "label2id", "num_labels", "max_length", "max_batch", "precision",
                   "inputs", "torch": the version that compiled it, "cpu": the CPU it was compiled on}
 
@@ -40,8 +40,7 @@ path = {out!r}
 model = torch._inductor.aoti_load_package(f"{{path}}/model.pt2")
 tokenizer = AutoTokenizer.from_pretrained(f"{{path}}/tokenizer")
 config = json.load(open(f"{{path}}/config.json"))
-batch = tokenizer(["a gripping, funny film"], padding=True, truncation=True,
-                  max_length=config["max_length"], return_tensors="pt")
+batch = tokenizer(["a gripping, funny film"], padding=True, truncation=True, return_tensors="pt")
 with torch.inference_mode():
     logits = model(batch["input_ids"], batch["attention_mask"]).float()
 print([config["id2label"][str(i)] for i in logits.argmax(-1).tolist()])
@@ -62,11 +61,12 @@ def write(artifact_dir: Path, out: Path) -> dict:
 
     from optforge import modeling
     from optforge.device import probe_cpu
+    from optforge.export import save_tokenizer
 
     artifact_dir, out = Path(artifact_dir), Path(out)
     meta = modeling.read_meta(artifact_dir)
     shutil.copy2(artifact_dir / PACKAGE, out / PACKAGE)
-    shutil.copytree(artifact_dir / modeling.TOKENIZER_DIR, out / TOKENIZER)
+    save_tokenizer(artifact_dir, out / TOKENIZER, meta["max_length"])
     # the compile stage is hardware-bound: its entry is fresh only on a machine with this CPU and ISA
     probe = probe_cpu()
     cpu = f"{probe['name']} ({' '.join(probe['isa']) or 'no AVX2/AVX-512 flags'})"

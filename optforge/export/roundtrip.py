@@ -6,6 +6,8 @@ Both sides get the same token ids (the cached artifact's tokenizer, truncated at
 same length-sorted, padded batches. Passing means: every argmax identical, and the largest |logit
 difference| within the tolerance the compile stage allows between two computations of one model
 (`optforge.methods.compile.allowed_difference` for the row's precision, relative to the logit scale).
+When the export ships a tokenizer, the ids it gives for every text are compared with optforge's too
+(`compare_tokens`).
 """
 
 from __future__ import annotations
@@ -46,3 +48,18 @@ def compare(runnable, exported: Callable, texts: list[str], batch_size: int = BA
             progress(done, len(batches))
     return {"examples": len(texts), "batches": len(batches), "batch_size": batch_size, "argmax_identical": same,
             "first_mismatch": first, "max_abs_diff": worst, "logit_scale": scale, "finite": finite}
+
+
+def compare_tokens(runnable, tokenizer_dir, texts: list[str]) -> dict:
+    """{"texts", "identical", "first_mismatch"}: the exported tokenizer, called as a user calls it
+    (`tokenizer(texts, truncation=True)`), against the ids optforge feeds the cached artifact."""
+    from transformers import AutoTokenizer
+
+    ours = runnable.tokenize(texts)
+    theirs = AutoTokenizer.from_pretrained(str(tokenizer_dir))(list(texts), truncation=True)["input_ids"]
+    differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if list(a) != list(b)]
+    first = None
+    if differ:
+        i = differ[0]
+        first = {"text": texts[i], "exported": list(theirs[i]), "cached": list(ours[i])}
+    return {"texts": len(texts), "identical": len(texts) - len(differ), "first_mismatch": first}
