@@ -10,6 +10,12 @@ An artifact directory holds
 Structured pruning physically shrinks Linear layers, so config.json alone does not describe the model:
 `load_classifier` rebuilds every Linear from the shapes stored in model.safetensors (see `fit_to_state`).
 
+Two heads. `TextClassifier` is optforge's own: encoder + mean/CLS pooling + one Linear, built when the
+teacher is a bare encoder. `HFSeqClassifier` wraps a stock transformers `*ForSequenceClassification`
+model with the architecture's own head (a checkpoint that already is a classifier, used as is, or a bare
+encoder given `pooling: stock`); its config.json is the whole classifier's, head.json says
+`"head": "stock"`, and only it can be exported as a stock transformers directory.
+
 Model sources: "pkg:<python package>/<subdir>", "hf:<org/name>", or a local folder (`optforge.model_source`).
 """
 
@@ -80,6 +86,69 @@ class TextClassifier(nn.Module):
             nn.init.zeros_(self.head.bias)
 
 
+class HFSeqClassifier(nn.Module):
+    """A stock transformers sequence classifier (`hf`, a `*ForSequenceClassification`), called like a
+    TextClassifier: `forward(input_ids, attention_mask) -> logits [B, num_labels]`. `encoder` is its base
+    model (BertModel, DistilBertModel, ...: what student-from-layers, pruning and quantization work on);
+    the head (pooler, pre_classifier, classifier) is the architecture's own."""
+
+    pooling = "stock"
+
+    def __init__(self, hf: nn.Module, label_names: Optional[list[str]] = None):
+        super().__init__()
+        self.hf = hf
+        self.num_labels = int(hf.config.num_labels)
+        if label_names is None:
+            id2label = getattr(hf.config, "id2label", None) or {}
+            label_names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(self.num_labels)]
+        self.label_names = list(label_names)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.hf.base_model
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def set_label_names(self, names: list[str]) -> None:
+        """Label names in output order, written into the config (id2label / label2id) too."""
+        self.label_names = list(names)
+        self.hf.config.id2label = {i: n for i, n in enumerate(names)}
+        self.hf.config.label2id = {n: i for i, n in enumerate(names)}
+
+    def permute_labels(self, order: list[int]) -> None:
+        """Reorder the outputs: new output i is old output order[i] (the classifier's last Linear's rows)."""
+        final = classifier_output_layer(self)
+        idx = torch.tensor(order)
+        with torch.no_grad():
+            final.weight.copy_(final.weight[idx].clone())
+            if final.bias is not None:
+                final.bias.copy_(final.bias[idx].clone())
+        self.set_label_names([self.label_names[i] for i in order])
+
+
+def classifier_output_layer(model: "HFSeqClassifier") -> nn.Linear:
+    """The Linear that writes the logits: the last nn.Linear outside the base model with num_labels outputs."""
+    base = model.hf.base_model
+    base_ids = {id(m) for m in base.modules()}
+    found = [m for m in model.hf.modules() if isinstance(m, nn.Linear) and id(m) not in base_ids
+             and m.out_features == model.num_labels]
+    if not found:
+        raise ModelSourceError(f"cannot find the classification layer of a {type(model.hf).__name__}")
+    return found[-1]
+
+
+def is_classifier_config(config) -> bool:
+    """Whether an HF config (object or dict) describes a sequence classifier (its trained head is part of
+    the checkpoint) rather than a bare encoder."""
+    archs = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    return any(str(a).endswith("ForSequenceClassification") for a in (archs or []))
+
+
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
     """The encoder's list of transformer blocks (BERT/RoBERTa: encoder.layer; DistilBERT: transformer.layer)."""
     for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
@@ -127,7 +196,7 @@ def _layer_path(encoder: nn.Module) -> str:
 
 def layer_shapes(model: nn.Module) -> list[dict]:
     """Per layer: attention width (all heads' size), head count and FFN width, read from the Linear shapes."""
-    encoder = model.encoder if isinstance(model, TextClassifier) else model
+    encoder = model.encoder if isinstance(model, (TextClassifier, HFSeqClassifier)) else model
     out = []
     for layer in encoder_layers(encoder):
         attn = getattr(getattr(layer, "attention", None), "self", None)
@@ -213,16 +282,62 @@ def _encoder_class(config, trust_remote_code: bool):
     return AutoModel, {}
 
 
+def load_config(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, ref, "model config", trust_remote_code=trust_remote_code)
+
+
+def load_seq_classifier(ref: str, trust_remote_code: bool = False, num_labels: Optional[int] = None,
+                        label_names: Optional[list[str]] = None, seed: int = 0) -> HFSeqClassifier:
+    """A stock `*ForSequenceClassification` in fp32: the checkpoint's own head when it has one
+    (`num_labels` None), else a new head for `num_labels` labels initialised by transformers under `seed`."""
+    from transformers import AutoModelForSequenceClassification
+
+    kw: dict = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        kw["num_labels"] = num_labels
+        if label_names:
+            kw["id2label"] = {i: n for i, n in enumerate(label_names)}
+            kw["label2id"] = {n: i for i, n in enumerate(label_names)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, ref, "classifier", **kw)
+    return HFSeqClassifier(hf)
+
+
 def random_encoder(spec, vocab_size: int, pad_token_id: int = 0, max_position_embeddings: int = 512) -> nn.Module:
     """A BERT encoder with random weights from a RandomInitSpec; the same seed gives the same weights."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-                        num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
-                        max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id)
+    config = _random_bert_config(spec, vocab_size, pad_token_id, max_position_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         return BertModel(config, add_pooling_layer=False)
+
+
+def random_seq_classifier(spec, vocab_size: int, label_names: list[str], pad_token_id: int = 0,
+                          max_position_embeddings: int = 512) -> HFSeqClassifier:
+    """A stock BertForSequenceClassification with random weights from a RandomInitSpec (same seed, same
+    weights): a random-init teacher with `pooling: stock`."""
+    from transformers import BertForSequenceClassification
+
+    config = _random_bert_config(spec, vocab_size, pad_token_id, max_position_embeddings)
+    config.num_labels = len(label_names)
+    config.id2label = {i: n for i, n in enumerate(label_names)}
+    config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.architectures = ["BertForSequenceClassification"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return HFSeqClassifier(BertForSequenceClassification(config))
+
+
+def _random_bert_config(spec, vocab_size: int, pad_token_id: int, max_position_embeddings: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+                      num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+                      max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -238,10 +353,18 @@ def save_classifier(model: TextClassifier, tokenizer, meta: dict, out_dir) -> di
     if "max_length" not in meta:
         raise ValueError("save_classifier: meta needs 'max_length'")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied weights (a stock head may share tensors) are stored once each under every name
+    state = {k: v.clone() if _shares_storage(v, state, k) else v for k, v in state.items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
-    model.encoder.config.to_json_file(str(out / ENCODER_CONFIG))
-    head = {"num_labels": model.num_labels, "pooling": model.pooling, "dropout": model.dropout.p,
-            "label_names": model.label_names, "layers": layer_shapes(model)}
+    if isinstance(model, HFSeqClassifier):
+        model.hf.config.to_json_file(str(out / ENCODER_CONFIG))
+        head = {"head": "stock", "num_labels": model.num_labels, "pooling": "stock",
+                "label_names": model.label_names, "architecture": type(model.hf).__name__,
+                "layers": layer_shapes(model)}
+    else:
+        model.encoder.config.to_json_file(str(out / ENCODER_CONFIG))
+        head = {"num_labels": model.num_labels, "pooling": model.pooling, "dropout": model.dropout.p,
+                "label_names": model.label_names, "layers": layer_shapes(model)}
     _write_json(out / HEAD, head)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     dtype = next(model.parameters()).dtype
@@ -250,6 +373,11 @@ def save_classifier(model: TextClassifier, tokenizer, meta: dict, out_dir) -> di
                  "pooling": model.pooling, "label_names": model.label_names})
     _write_json(out / META, full)
     return full
+
+
+def _shares_storage(v: torch.Tensor, state: dict, key: str) -> bool:
+    ptr = v.untyped_storage().data_ptr()
+    return any(k < key and t.untyped_storage().data_ptr() == ptr for k, t in state.items())
 
 
 def read_meta(artifact_dir) -> dict:
@@ -263,25 +391,40 @@ def load_classifier(artifact_dir, trust_remote_code: bool = False) -> tuple[Text
     """(model on CPU in its saved dtype, in eval mode; tokenizer; optforge_model.json). Rebuilds every
     Linear from the tensor shapes in model.safetensors, so structurally pruned models load as saved."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     d = Path(artifact_dir)
     meta = read_meta(d)
+    with _quiet_transformers():
+        model = classifier_skeleton(d, trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER_DIR))
+    state = load_file(str(d / WEIGHTS))
+    fit_to_state(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), tokenizer, meta
+
+
+def classifier_skeleton(artifact_dir, trust_remote_code: bool = False) -> nn.Module:
+    """The artifact's classifier (TextClassifier or HFSeqClassifier) as built from its configs, before any
+    weights are loaded or Linear shapes fitted: random weights, fp32."""
+    from transformers import AutoConfig
+
+    d = Path(artifact_dir)
     head = json.loads((d / HEAD).read_text())
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+        if head.get("head") == "stock":
+            from transformers import AutoModelForSequenceClassification
+
+            hf = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+            return HFSeqClassifier(hf, head.get("label_names"))
         cls, extra = _encoder_class(config, trust_remote_code)
         if cls.__name__ == "AutoModel":
             encoder = cls.from_config(config, trust_remote_code=trust_remote_code)
         else:
             encoder = cls(config, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER_DIR))
-    model = TextClassifier(encoder, head["num_labels"], head["pooling"], head.get("dropout"),
-                           head.get("label_names"))
-    state = load_file(str(d / WEIGHTS))
-    fit_to_state(model, state)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), tokenizer, meta
+    return TextClassifier(encoder, head["num_labels"], head["pooling"], head.get("dropout"),
+                          head.get("label_names"))
 
 
 def fit_to_state(model: nn.Module, state: dict) -> None:

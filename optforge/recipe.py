@@ -87,13 +87,29 @@ class RandomInitSpec(Strict):
 
 
 class TeacherSpec(Strict):
-    # "pkg:<python_package>/<subdir>", "hf:<org/name>", or a local directory. Exactly one of model/config.
+    """The model to optimize. `model` is a pretrained checkpoint ("pkg:<python_package>/<subdir>",
+    "hf:<org/name>" or a local directory); `config` builds a random-init BERT instead (tests).
+
+    A checkpoint that already is a sequence classifier (its config's `architectures` name a
+    `*ForSequenceClassification`: yours, or one from the Hub) is used **as is**: its own head, labels and
+    weights, evaluated and optimized as given unless `finetune` is set. A bare encoder gets a new head,
+    `pooling` picks which, and is fine-tuned (`finetune` absent: the TrainSpec defaults)."""
+
     model: Optional[str] = None
     config: Optional[RandomInitSpec] = None
     tokenizer: Optional[str] = None  # defaults to `model`; required with `config`
-    pooling: Literal["cls", "mean"] = "mean"
+    # The head a bare encoder gets: "mean" / "cls" pool the token states into one Linear (optforge's head;
+    # mean is what sentence encoders such as MiniLM were trained with); "stock" is the architecture's own
+    # sequence-classification head (transformers' AutoModelForSequenceClassification), the one a stock
+    # transformers directory (`optforge export --format hf`) can describe. Absent: the checkpoint's own head
+    # when it is a classifier, else "mean". A classifier checkpoint only takes "stock" (or nothing).
+    pooling: Optional[Literal["cls", "mean", "stock"]] = None
+    # data label name -> the classifier checkpoint's label name (its config's id2label), when they differ
+    label_map: Optional[dict[str, str]] = Field(None, min_length=1)
     trust_remote_code: bool = False
-    finetune: Optional[TrainSpec] = TrainSpec()
+    # "auto" (absent): fine-tune a new head with the TrainSpec defaults; use a classifier as given.
+    # null: never fine-tune (a new head then stays untrained: fine for timing, at chance for accuracy).
+    finetune: Union[TrainSpec, Literal["auto"], None] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -101,7 +117,38 @@ class TeacherSpec(Strict):
             raise ValueError("give exactly one of `model` (pkg:/hf:/path) or `config` (random init)")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("a random-init `config` needs a `tokenizer` (pkg:/hf:/path)")
+        if self.config is not None and self.label_map is not None:
+            raise ValueError("`label_map` maps data labels to a classifier checkpoint's labels; a random-init "
+                             "`config` gets a new head with the data's labels")
         return self
+
+    @field_validator("label_map")
+    @classmethod
+    def _label_map(cls, v):
+        if v is None:
+            return v
+        empty = [k for k, t in v.items() if not k or not t]
+        if empty:
+            raise ValueError(f"label names must be non-empty, got {shown(v)}")
+        targets = list(v.values())
+        twice = sorted({t for t in targets if targets.count(t) > 1})
+        if twice:
+            raise ValueError(f"two data labels map to the same checkpoint label {shown(twice)}")
+        return v
+
+    def train_spec(self, classifier: bool) -> Optional[TrainSpec]:
+        """The fine-tuning to run: "auto" means the defaults for a new head, none for a classifier."""
+        if self.finetune == "auto":
+            return None if classifier else TrainSpec()
+        return self.finetune
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # fields added after recipes were keyed leave the dump (and every key) unchanged while unset
+        out = handler(self)
+        if self.label_map is None:
+            out.pop("label_map", None)
+        return out
 
 
 class FromTeacherSpec(Strict):

@@ -445,6 +445,7 @@ def load_recipe(path: Path | str, display: str | None = None) -> LoadedRecipe:
         # unchanged, so the key path survives and only the position is missing
         raise _relocate(e, root, display) from None
     loaded = LoadedRecipe(recipe, path, display, root)
+    check_teacher_head(loaded)
     check_student_layers(loaded)
     return loaded
 
@@ -472,6 +473,27 @@ def check_data_files(loaded: LoadedRecipe, graph) -> None:
                 f"OPTFORGE_DATA_ROOT", ("data", "dataset"))
         problem = "is not a regular file" if p.exists() else "does not exist"
         raise loaded.error(f"data file {shown(getattr(data, role))} not found: {p} {problem}", ("data", role))
+
+
+def check_teacher_head(loaded: LoadedRecipe) -> None:
+    """A classifier checkpoint keeps its own head (no `pooling: mean|cls`); a bare encoder gets a new one
+    (no `label_map`). Checked from the teacher's config.json when it is on this machine; the teacher stage
+    checks again when it loads the model (an hf: id outside the local cache)."""
+    from optforge.model_source import cached_config
+
+    teacher = loaded.recipe.teacher
+    config = cached_config(teacher.model) if teacher.model is not None else None
+    if config is None:
+        return
+    archs = [str(a) for a in config.get("architectures") or []]
+    classifier = [a for a in archs if a.endswith("ForSequenceClassification")]
+    if classifier and teacher.pooling in ("mean", "cls"):
+        raise loaded.error(f"{shown(teacher.model)} is already a classifier ({classifier[0]}): pooling "
+                           f"{shown(teacher.pooling)} would replace its trained head; remove `pooling` to use it "
+                           f"as is, or point `model` at a bare encoder", ("teacher", "pooling"))
+    if not classifier and teacher.label_map is not None:
+        raise loaded.error(f"{shown(teacher.model)} is a bare encoder: it gets a new head trained on the data's "
+                           f"labels, so there is nothing for `label_map` to match", ("teacher", "label_map"))
 
 
 def check_student_layers(loaded: LoadedRecipe) -> None:

@@ -17,7 +17,6 @@ loaded weights are the saved bits.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -86,19 +85,13 @@ def linear_shapes(model) -> dict:
 
 
 def float_skeleton(artifact_dir: Path, meta: dict):
-    """An fp32 TextClassifier with the saved architecture (Linear shapes included) and throwaway weights."""
+    """An fp32 classifier (TextClassifier or HFSeqClassifier) with the saved architecture (Linear shapes
+    included) and throwaway weights."""
     import torch
-    from transformers import AutoConfig, AutoModel, BertModel
 
     from optforge import modeling
 
-    head = json.loads((artifact_dir / modeling.HEAD).read_text())
-    with modeling._quiet_transformers():
-        config = AutoConfig.from_pretrained(str(artifact_dir))
-        encoder = (BertModel(config, add_pooling_layer=False) if config.model_type == "bert"
-                   else AutoModel.from_config(config))
-    model = modeling.TextClassifier(encoder, head["num_labels"], head["pooling"], head.get("dropout"),
-                                    head.get("label_names"))
+    model = modeling.classifier_skeleton(artifact_dir)
     shapes = {}
     for name, (out_f, in_f) in meta["linear_shapes"].items():
         shapes[f"{name}.weight"] = torch.empty(out_f, in_f, device="meta")

@@ -118,7 +118,8 @@ def _torchao(model, config) -> dict:
     from torchao.utils import TorchAOBaseTensor
 
     before = _encoder_linears(model)
-    quantize_(model, config, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn.startswith("encoder."))
+    inside = {id(m) for m in before}  # the encoder's (base model's) Linears, whatever their qualified names
+    quantize_(model, config, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and id(mod) in inside)
     done = sum(1 for m in before if isinstance(m.weight, TorchAOBaseTensor))
     return {"quantized": done, "skipped": len(before) - done}
 
