@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +25,7 @@ from optforge_testing import copy_built, shared_data_root
 from optforge.export.card import MANIFEST, code, fenced, read_manifest, text
 from optforge.lockfile import read_lock
 
+sys.path.insert(0, str(Path(__file__).parent / "stages"))  # tiny_models, as tests/test_byom.py does
 pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
 
 COMPILED = "student-compiled"
@@ -358,6 +360,93 @@ def test_hf_refuses_head_pruning_and_uneven_ffn_widths(tmp_path):
     heads = stock_artifact(tmp_path / "heads", heads_pruned=True)
     assert hf.check(float_meta(heads), heads) == (
         "transformers 5 has no pruned_heads: a head-pruned model does not fit a stock config; use onnx or pt2")
+
+
+# --------------------------------------------------------------------------- hf, a recipe whose teacher has its stock head
+
+STOCK_RECIPE = """\
+name: stock
+data: {{dataset: sst2, max_train_samples: 64, max_eval_samples: 128, max_length: 32}}
+teacher: {{model: {ckpt}}}
+student: {{from_teacher: {{layers: [0, 2]}}}}
+prune:
+  - {{name: narrow, model: teacher, method: structured, ffn: 0.5}}
+  - {{name: fewer-heads, model: teacher, method: structured, heads: 0.5}}
+configs:
+  - {{name: baseline, model: teacher}}
+  - {{name: teacher-bf16, model: teacher, precision: bf16}}
+  - {{name: student, model: student}}
+  - {{name: narrow, model: narrow}}
+  - {{name: fewer-heads, model: fewer-heads}}
+benchmark: {{batch_sizes: [1], warmup: 1, min_runs: 3, max_seconds: 0.2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    """A tiny random BertForSequenceClassification checkpoint (save_pretrained, 3 layers) as the teacher,
+    used as is: rows of the teacher in fp32 and bf16, a 2-layer student, a uniformly FFN-pruned and a
+    head-pruned teacher; built on CPU (about a minute, no training)."""
+    from optforge_testing import run_cli
+    from tiny_models import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("stock")
+    ckpt = save_tiny_checkpoint(root / "ckpt", "bert", seed=1)
+    (root / "recipes").mkdir()
+    recipe = root / "recipes" / "stock.yaml"
+    recipe.write_text(STOCK_RECIPE.format(ckpt=ckpt))
+    built = run_cli("build", recipe, "--device", "cpu", cwd=root, cache=root / "cache")
+    assert built.returncode == 0, built.stdout + built.stderr
+    return SimpleNamespace(root=root, recipe=recipe, cache=root / "cache",
+                           run=lambda *a: run_cli(*a, cwd=root, cache=root / "cache"))
+
+
+@pytest.mark.parametrize("config, layers, ffn, dtype", [
+    ("student", 2, 64, "float32"),       # a subset of the teacher's layers: the config's layer count
+    ("narrow", 3, 32, "float32"),        # FFN pruned to one width in every layer: the config's intermediate size
+    ("teacher-bf16", 3, 64, "bfloat16"),  # a bf16 row: bf16 weights, the config's dtype
+])
+def test_hf_export_of_a_stock_head_row_round_trips_and_loads_with_transformers_alone(stock, config, layers, ffn,
+                                                                                     dtype):
+    from optforge.cache import Cache
+
+    out = stock.root / "exports" / config
+    result = export(stock, "--config", config, "--format", "hf", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        f"exported '{config}' as hf to {out}: round trip on 128 eval examples: argmax identical 128/128, max "
+        f"|logit diff| 0 (allowed {0.03 if dtype == 'bfloat16' else 0.001:.3g})")
+    hf_config = json.loads((out / "config.json").read_text())
+    assert (hf_config["num_hidden_layers"], hf_config["intermediate_size"], hf_config["dtype"]) == (layers, ffn, dtype)
+    assert (hf_config["id2label"], hf_config["architectures"]) == ({"0": "0", "1": "1"},
+                                                                   ["BertForSequenceClassification"])
+    script = card_snippet(out) + textwrap.dedent(f"""
+        import json
+        batch = tokenizer({TEXTS!r}, padding=True, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        print(json.dumps(logits.tolist()))
+    """)
+    logits = run_without_optforge(script, cwd=out.parent)
+    model_stage = {"student": "student", "narrow": "prune:narrow", "teacher-bf16": "teacher"}[config]
+    from optforge.artifacts import load_runnable
+
+    runnable = load_runnable(Cache(stock.cache).entry_dir(entry_key(stock, model_stage)), "cpu",
+                             "bf16" if dtype == "bfloat16" else "fp32")
+    expected = runnable.forward(runnable.encode(TEXTS)).tolist()
+    assert [max(range(2), key=row.__getitem__) for row in logits] == \
+        [max(range(2), key=row.__getitem__) for row in expected]
+    from optforge.methods.compile import allowed_difference
+
+    scale = max(abs(x) for row in expected for x in row)
+    allowed = allowed_difference("float", "bf16" if dtype == "bfloat16" else "fp32", scale, None)
+    assert max(abs(a - b) for r, e in zip(logits, expected) for a, b in zip(r, e)) <= allowed
+
+
+def test_hf_refuses_a_head_pruned_stock_row(stock, tmp_path):
+    line = one_error_line(export(stock, "--config", "fewer-heads", "--format", "hf", "--out", tmp_path / "h"))
+    assert line.startswith("error: not exportable as hf: transformers 5 has no pruned_heads: a head-pruned model "
+                           "does not fit a stock config; use onnx or pt2; available for this row: "), line
 
 
 # --------------------------------------------------------------------------- the card's escaping

@@ -25,6 +25,7 @@ NAME = "hf"
 TOKENIZER = "."
 WEIGHTS = "model.safetensors"  # optforge.modeling.WEIGHTS / HEAD, spelt here: load_logits imports no optforge
 HEAD = "head.json"
+CONFIG = "config.json"
 HF_PREFIX = "hf."  # HFSeqClassifier keeps the transformers model as its attribute `hf`
 
 LOADER = '''import torch
@@ -39,9 +40,10 @@ with torch.inference_mode():
 print([model.config.id2label[i] for i in logits.argmax(-1).tolist()])
 '''
 
-QUANTIZED = ("the row is quantized ({method}, format {fmt}), which no stock transformers config describes; "
-             "export the float row it was quantized from (the same model without `quantize:`) as hf, or this "
-             "row as onnx")
+QUANTIZED = ("the row is quantized ({what}), which no stock transformers config describes; export the float row it "
+             "was quantized from (the same model without `quantize:`) as hf")
+REMOTE_CODE = ("the model's code comes with its checkpoint (trust_remote_code: config.json has an auto_map), not "
+               "with transformers, so no stock transformers directory describes it; use onnx or pt2")
 COMPILED = ("the row is compiled (format {fmt}), which no stock transformers config describes; export the float "
             "row it was compiled from (the same model without `compile:`) as hf{pt2}")
 OPTFORGE_HEAD = ("the row uses optforge's {pooling}-pooling head, which no stock transformers *ForSequenceClassification "
@@ -52,7 +54,8 @@ HEAD_PRUNED = ("transformers 5 has no pruned_heads: a head-pruned model does not
 def check(meta: dict, artifact_dir: Path) -> Optional[str]:
     fmt = meta.get("format")
     if fmt in ("torch-int8-dynamic", "torchao"):
-        return QUANTIZED.format(method=meta.get("method", "?"), fmt=fmt)
+        method = meta.get("method", "?")
+        return QUANTIZED.format(what=method if method == fmt else f"{method}, format {fmt}")
     if fmt in ("aoti", "compiled"):
         return COMPILED.format(fmt=fmt, pt2=", or this row as pt2" if fmt == "aoti" else "")
     if fmt != "float":
@@ -60,6 +63,8 @@ def check(meta: dict, artifact_dir: Path) -> Optional[str]:
     head = json.loads((Path(artifact_dir) / HEAD).read_text())
     if head.get("head") != "stock":
         return OPTFORGE_HEAD.format(pooling=head.get("pooling", "?"))
+    if "auto_map" in json.loads((Path(artifact_dir) / CONFIG).read_text()):
+        return REMOTE_CODE
     return stock_config(Path(artifact_dir))[1]
 
 
