@@ -14,6 +14,10 @@ import pytest
 
 from optforge_testing import TESTS, build_tiny, shared_data_root
 
+# The onnx export format (optforge/export/onnx.py) is written on another branch; its tests, written against
+# the export contract, are collected once it is merged: delete this line then.
+collect_ignore = ["test_export_onnx.py"]
+
 
 @pytest.fixture
 def optforge_env(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ PURE = [
     "optforge.metrics", "optforge.prune_counts", "optforge.report", "optforge.cli", "optforge.artifacts",
     "optforge.methods.quantize", "optforge.methods.compile", "optforge.datasets", "optforge.cache_entry",
     "optforge.stages.registry", "optforge.model_source", "optforge.procs", "optforge.serve.options",
-    "optforge.labels",
+    "optforge.labels", "optforge.export", "optforge.export.command", "optforge.export.card",
+    "optforge.export.publish",
 ]
 HEAVY = ("torch", "transformers", "torchao")
 
