@@ -350,6 +350,40 @@ def test_hf_bf16_export_saves_bf16_weights(tmp_path):
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "electra"])
+def test_hf_writes_each_stock_family_with_its_ffn_width(tmp_path, family):
+    """Every family the teacher takes as a classifier checkpoint; each layer's FFN cut to 48 channels, which
+    the config's intermediate_size (DistilBERT: hidden_dim) must then say."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from optforge import modeling
+    from optforge.export import hf
+    from optforge_testing import MINILM
+    from tiny_models import tiny_hf_config
+
+    torch.manual_seed(0)
+    model = modeling.HFSeqClassifier(AutoModelForSequenceClassification.from_config(tiny_hf_config(family))).eval()
+    for layer in modeling.encoder_layers(model.encoder):
+        if family == "distilbert":
+            layer.ffn.lin1, layer.ffn.lin2 = torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)
+        else:
+            layer.intermediate.dense, layer.output.dense = torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)
+    artifact, out = tmp_path / "artifact", tmp_path / "out"
+    modeling.save_classifier(model, modeling.load_tokenizer(MINILM), {"max_length": 32}, artifact)
+    assert hf.check(float_meta(artifact), artifact) is None
+    out.mkdir()
+    hf.write(artifact, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_dim" if family == "distilbert" else "intermediate_size"] == 48
+    ids = np.array([[101, 2000, 2001, 102], [101, 2003, 102, 0]])
+    mask = (ids != 0).astype(np.int64)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert np.abs(hf.load_logits(out)(ids, mask) - expected).max() <= 1e-6
+
+
 def test_hf_refuses_head_pruning_and_uneven_ffn_widths(tmp_path):
     from optforge.export import hf
 

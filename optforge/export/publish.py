@@ -34,7 +34,8 @@ def check_destination(out: Path, force: bool) -> None:
     """ExportError when `out` cannot receive an export (checked before the work and again before the rename)."""
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"--out {out} exists and is not a directory; choose another --out")
+        raise ExportError(f"--out {out} exists and is {'a symlink' if out.is_symlink() else 'not a directory'}; "
+                          "choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ExportError(f"--out {out} is not empty; pass --force to replace it (a previous export), "
