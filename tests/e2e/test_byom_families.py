@@ -1,0 +1,65 @@
+"""Bring your own model, end to end: a tiny random classifier checkpoint of each supported family
+(`AutoModelForSequenceClassification.from_config` + `save_pretrained`) is the teacher, used as is, and
+goes through every stage of a tiny recipe: student from layers, distillation, structured and
+unstructured pruning, quantization, evaluation, benchmark, report (compile: on one family, for time)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from optforge_testing import shared_data_root
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "stages"))
+from tiny_models import FAMILIES, save_tiny_checkpoint  # noqa: E402
+from test_build_tiny import optforge  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
+
+RECIPE = """\
+name: {family}
+data: {{dataset: sst2, max_train_samples: 128, max_eval_samples: 64, max_length: 32}}
+teacher: {{model: {ckpt}}}
+student: {{from_teacher: {{layers: [0, 2]}}}}
+distill: {{epochs: 0.5, batch_size: 16, lr: 1.0e-3, freeze_embeddings: false}}
+prune:
+  - {{name: pruned, model: student, method: structured, heads: 0.5, ffn: 0.5,
+     recover: {{epochs: 0.25, batch_size: 16, lr: 1.0e-3}}}}
+  - {{name: sparse, model: student, method: unstructured, amount: 0.5}}
+quantize:
+  - {{name: dyn8, method: torch-int8-dynamic}}
+  - {{name: ao8, method: int8-weight-only}}
+configs:
+  - {{name: baseline, model: teacher}}
+  - {{name: student, model: student}}
+  - {{name: pruned, model: pruned}}
+  - {{name: sparse, model: sparse}}
+  - {{name: pruned-dyn8, model: pruned, quantize: dyn8}}
+  - {{name: student-ao8, model: student, quantize: ao8}}
+{extra}
+benchmark: {{batch_sizes: [1, 4], warmup: 1, min_runs: 3, max_seconds: 0.2}}
+"""
+COMPILED = "  - {name: pruned-compiled, model: pruned, compile: default}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_stage_runs_on_a_checkpoint_of_each_family(family, tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", family)
+    recipe = tmp_path / f"{family}.yaml"
+    recipe.write_text(RECIPE.format(family=family, ckpt=ckpt, extra=COMPILED if family == "distilbert" else ""))
+    result = optforge("build", recipe, "--device", "cpu", cwd=tmp_path, cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "reports" / family / "results.json").read_text())
+    rows = {r["name"]: r for r in results["configs"]}
+    expected = {"baseline", "student", "pruned", "sparse", "pruned-dyn8", "student-ao8"}
+    expected |= {"pruned-compiled"} if family == "distilbert" else set()
+    assert set(rows) == expected
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row["reason"])
+        assert 0 <= row["accuracy"] <= 1 and row["eval_n"] == 64, name
+    # the pruned student is really smaller than the student it came from
+    assert rows["pruned"]["params"] < rows["student"]["params"] < rows["baseline"]["params"]
