@@ -52,7 +52,7 @@ def default_root() -> Path:
     return Path(os.environ.get("OPTFORGE_CACHE") or ".optforge")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,7 +68,7 @@ def _unwritable(directory: Path, error: OSError) -> CacheError:
                       f"writable (chmod -R u+w {directory}) or set OPTFORGE_CACHE to a writable directory")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -219,7 +219,7 @@ class Cache:
             json.dump(manifest, f, sort_keys=True, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
         target = self.entry_dir(key)
         try:
@@ -236,7 +236,7 @@ class Cache:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise _unwritable(target.parent, e) from None
             # else a concurrent build sealed the same key first
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return self.state(key)
 
     def evict(self, key: str) -> None:
@@ -267,7 +267,7 @@ class Cache:
         if self.tmp.is_dir():
             for d in self.tmp.iterdir():
                 pid = d.name.split("-", 1)[0]
-                if not pid.isdigit() or not _pid_alive(int(pid)):
+                if not pid.isdigit() or not pid_alive(int(pid)):
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d)
         return removed

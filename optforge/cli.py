@@ -15,6 +15,7 @@ import click
 
 from optforge import __version__
 from optforge.errors import OptforgeError, RecipeError
+from optforge.export import FORMATS as EXPORT_FORMATS
 from optforge.serve.options import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 
 DEVICE_HELP = ("auto: cuda when an NVIDIA driver is present, CUDA_VISIBLE_DEVICES does not hide the GPUs "
@@ -252,6 +253,30 @@ def serve(recipe, config, host, port, max_batch, max_wait_ms, header_timeout_s, 
     serve_recipe(recipe, config, host, port, max_batch, max_wait_ms, device, echo=click.echo,
                  header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
                  max_connections=max_connections)
+
+
+@main.command("export")
+@click.argument("recipe")
+@click.option("--config", default="best", show_default=True,
+              help="A config name, or best (the report's best ready one).")
+@click.option("--format", "fmt", type=click.Choice(list(EXPORT_FORMATS)), required=True,
+              help="hf: a save_pretrained directory (transformers); onnx: an ONNX model (onnxruntime); "
+                   "pt2: the AOTInductor package of a row compiled on CPU (torch).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The directory to write (must not exist or be empty, unless --force).")
+@click.option("--force", is_flag=True, help="Replace --out when it holds a previous export.")
+@device_option
+@user_errors
+def export(recipe, config, fmt, out, force, device):
+    """Write a built configuration's model in a form other tools load without optforge, after checking
+    that it predicts what the cached artifact predicts on the whole eval split."""
+    from optforge.export.command import export_row
+
+    done = export_row(recipe, config, fmt, out, force=force, device=device,
+                      err=lambda line: click.echo(line, err=True, nl=False), tty=sys.stderr.isatty())
+    if done.why:
+        click.echo(f"config {done.config!r}: {done.why}")
+    click.echo(done.summary())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Shared fixtures, kept to three: an isolated optforge environment, a CLI runner in a subprocess, and
-the fake (pure-Python) stage kinds installed in-process."""
+"""Shared fixtures, kept to four: an isolated optforge environment, a CLI runner in a subprocess, the
+fake (pure-Python) stage kinds installed in-process, and recipes/tiny.yaml built once per session with
+the real stages (for the end-to-end and export tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from optforge_testing import TESTS, shared_data_root
+from optforge_testing import TESTS, build_tiny, shared_data_root
+
 
 
 @pytest.fixture
@@ -51,3 +53,10 @@ def fake_kinds():
     previous = fake_stages.install()
     yield fake_stages
     fake_stages.restore(previous)
+
+
+@pytest.fixture(scope="session")
+def built_tiny(tmp_path_factory):
+    """recipes/tiny.yaml built on CPU with the real stages, once per session (optforge_testing.build_tiny);
+    tests work on copies of it (optforge_testing.copy_built)."""
+    return build_tiny(tmp_path_factory.mktemp("tiny-base"))

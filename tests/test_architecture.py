@@ -28,6 +28,8 @@ PURE = [
     "optforge.labels", "optforge.arch",
     # imported by the registry and by `optforge export` before anything runs: onnxruntime inside functions only
     "optforge.stages.onnxruntime", "optforge.artifacts.onnx", "optforge.export.onnx",
+    "optforge.export", "optforge.export.command", "optforge.export.card",
+    "optforge.export.publish",
 ]
 HEAVY = ("torch", "transformers", "torchao", "onnxruntime", "onnx")
 

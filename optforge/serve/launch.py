@@ -15,15 +15,17 @@ from optforge.errors import OptforgeError
 from optforge.serve.options import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, checked
 
 
-def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Path, str, Optional[str]]:
-    """(config name, artifact dir, precision, why) for `config` (a name or "best") of a built recipe."""
+def resolve_artifact(session, plans, config: str, display: str, action: str = "serve"
+                     ) -> tuple[str, Path, str, Optional[str]]:
+    """(config name, artifact dir, precision, why) for `config` (a name or "best") of a built recipe.
+    `action` ("serve", "export") is the verb the errors use."""
     recipe, graph = session.recipe, session.graph
     names = [c.name for c in recipe.configs]
     why = None
     if config == "best":
         from optforge.session import stage_results
 
-        config, why = best_config(recipe, graph, stage_results(session, plans), display)
+        config, why = best_config(recipe, graph, stage_results(session, plans), display, action)
     elif config not in names:
         from optforge.recipe import _unknown
 
@@ -36,12 +38,12 @@ def resolve_artifact(session, plans, config: str, display: str) -> tuple[str, Pa
                             f"run optforge build {display} first")
     if p.entry.status == "failed":
         raise OptforgeError(f"config {config!r} failed to build ({model_stage}: {p.entry.reason}); "
-                            "nothing to serve")
+                            f"nothing to {action}")
     precision = next(c.precision for c in recipe.configs if c.name == config)
     return config, session.cache.entry_dir(p.key), precision, why
 
 
-def best_config(recipe, graph, results: dict, display: str) -> tuple[str, str]:
+def best_config(recipe, graph, results: dict, display: str, action: str = "serve") -> tuple[str, str]:
     """(name, why) of the report's best ready configuration, from the stage `results` the report reads.
     OptforgeError when none is ready: the row `--config` would serve anyway when one was built, "run
     optforge build" only when none was."""
@@ -54,10 +56,10 @@ def best_config(recipe, graph, results: dict, display: str) -> tuple[str, str]:
         raise OptforgeError(f"no configuration of {display} is built; run optforge build {display} first")
     if row is None:
         raise OptforgeError(f"no configuration of {display} was built successfully (its report says why); "
-                            "nothing to serve")
+                            f"nothing to {action}")
     if fallback is not None:
         raise OptforgeError(f"no configuration of {display} passed the gates (its report gives each row's "
-                            f"verdict); --config {row['name']} serves {fallback} anyway")
+                            f"verdict); --config {row['name']} {action}s {fallback} anyway")
     return row["name"], "the report's best ready configuration"
 
 

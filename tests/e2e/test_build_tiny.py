@@ -17,51 +17,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from optforge_testing import REPO, shared_data_root
+from optforge_testing import REPO, TINY, copy_built, run_cli as optforge, shared_data_root
 from optforge.cache import Cache
 from optforge.graph import build_graph
 from optforge.lockfile import read_lock
 from optforge.recipe import Recipe
 
-TINY = REPO / "recipes" / "tiny.yaml"
 pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
-
-
-def optforge(*args, cwd: Path, cache: Path, **popen):
-    env = dict(os.environ, OPTFORGE_CACHE=str(cache), OPTFORGE_DATA_ROOT=str(shared_data_root()))
-    cmd = [sys.executable, "-m", "optforge.cli", *map(str, args)]
-    if popen.pop("background", False):
-        # stderr (stage logs, warnings) merged into stdout: one pipe to drain, none left to fill up
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, **popen)
-
-
-@pytest.fixture(scope="session")
-def built_tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-base")
-    (root / "recipes").mkdir()
-    recipe = shutil.copy(TINY, root / "recipes" / "tiny.yaml")
-    result = optforge("build", recipe, "--device", "cpu", cwd=root, cache=root / "cache")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return SimpleNamespace(root=root, recipe=Path(recipe), cache=root / "cache", stdout=result.stdout)
 
 
 @pytest.fixture
 def tiny(built_tiny, tmp_path):
     """A private copy of the built recipe: (recipe path, run(*args), cache)."""
-    shutil.copytree(built_tiny.root / "recipes", tmp_path / "recipes")
-    shutil.copytree(built_tiny.cache, tmp_path / "cache", symlinks=True)  # copy2 keeps mtimes
-    recipe = tmp_path / "recipes" / "tiny.yaml"
-
-    def run(*args, **kw):
-        return optforge(*args, cwd=tmp_path, cache=tmp_path / "cache", **kw)
-
-    return SimpleNamespace(recipe=recipe, run=run, cache=tmp_path / "cache", root=tmp_path)
+    return copy_built(built_tiny, tmp_path)
 
 
 def names(stdout: str, verb: str) -> list[str]:
