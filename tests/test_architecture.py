@@ -25,7 +25,7 @@ PURE = [
     "optforge.metrics", "optforge.prune_counts", "optforge.report", "optforge.cli", "optforge.artifacts",
     "optforge.methods.quantize", "optforge.methods.compile", "optforge.datasets", "optforge.cache_entry",
     "optforge.stages.registry", "optforge.model_source", "optforge.procs", "optforge.serve.options",
-    "optforge.labels",
+    "optforge.labels", "optforge.progress", "optforge.timings",
 ]
 HEAVY = ("torch", "transformers", "torchao")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,14 +26,15 @@ from optforge_testing import REPO, shared_data_root
 from optforge.cache import Cache
 from optforge.graph import build_graph
 from optforge.lockfile import read_lock
+from optforge.progress import fmt_duration
 from optforge.recipe import Recipe
 
 TINY = REPO / "recipes" / "tiny.yaml"
 pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
 
 
-def optforge(*args, cwd: Path, cache: Path, **popen):
-    env = dict(os.environ, OPTFORGE_CACHE=str(cache), OPTFORGE_DATA_ROOT=str(shared_data_root()))
+def optforge(*args, cwd: Path, cache: Path, env: dict | None = None, **popen):
+    env = dict(os.environ, OPTFORGE_CACHE=str(cache), OPTFORGE_DATA_ROOT=str(shared_data_root()), **(env or {}))
     cmd = [sys.executable, "-m", "optforge.cli", *map(str, args)]
     if popen.pop("background", False):
         # stderr (stage logs, warnings) merged into stdout: one pipe to drain, none left to fill up
@@ -45,9 +47,12 @@ def built_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-base")
     (root / "recipes").mkdir()
     recipe = shutil.copy(TINY, root / "recipes" / "tiny.yaml")
-    result = optforge("build", recipe, "--device", "cpu", cwd=root, cache=root / "cache")
+    # stderr is a pipe, as in CI: progress comes as lines, here one at every update (0.01 s apart at least)
+    result = optforge("build", recipe, "--device", "cpu", cwd=root, cache=root / "cache",
+                      env={"OPTFORGE_PROGRESS_INTERVAL": "0.01"})
     assert result.returncode == 0, result.stdout + result.stderr
-    return SimpleNamespace(root=root, recipe=Path(recipe), cache=root / "cache", stdout=result.stdout)
+    return SimpleNamespace(root=root, recipe=Path(recipe), cache=root / "cache", stdout=result.stdout,
+                           stderr=result.stderr)
 
 
 @pytest.fixture
@@ -102,6 +107,42 @@ def test_full_build_then_noop_imports_no_torch(built_tiny, tiny):
     assert result.stdout.splitlines()[-1] == f"nothing to do: {n} stages fresh"
     assert "torch" not in mods.read_text().split()
     print(f"no-op build: {wall:.2f}s")  # the budget (<= 1 s) is measured by benchmarks/noop_build.py
+
+
+def test_a_piped_build_reports_training_progress_in_lines(built_tiny, tiny):
+    """Off a terminal, the teacher's and the distill stage's training print progress lines to stderr:
+    steps climbing to the total (the steps the stage recorded), rates, the loss, elapsed, ETA, then the totals."""
+    lock = read_lock(tiny.recipe.with_suffix(".lock"))["stages"]
+    err = built_tiny.stderr.splitlines()
+    for stage, desc in [("teacher", "teacher finetune"), ("distill", "distill")]:
+        total = Cache(tiny.cache).manifest(lock[stage]["key"])["metrics"]["steps"]
+        prefix = f"  [{stage}] {desc}: "
+        step_line = re.compile(rf"step (\d+)/{total} \(\d+%\), [\d.]+ steps/s, [\d.]+ ex/s, loss \d+\.\d{{4}}, "
+                               r"elapsed \S+, ETA \S+")
+        steps = [int(m[1]) for line in err if line.startswith(prefix)
+                 for m in [step_line.fullmatch(line[len(prefix):])] if m]
+        assert steps and steps == sorted(set(steps)) and steps[-1] <= total, err
+        done = [line for line in err if line.startswith(f"{prefix}done: ")]
+        assert len(done) == 1 and re.fullmatch(rf"{re.escape(prefix)}done: {total} steps in \S+, [\d.]+ steps/s, "
+                                               r"[\d.]+ ex/s, loss \d+\.\d{4}", done[0]), done
+
+
+def test_plan_expects_what_each_stage_took_here(tiny):
+    """After the build, a stale stage's plan line says how long its last run took on this machine."""
+    timings = json.loads((tiny.cache / "timings.json").read_text())["machines"]
+    (machine,) = timings
+    took = timings[machine]["recipes"]["tiny"]
+    edit(tiny.recipe, EXPENSIVE_EDITS["distill"][0])
+    result = tiny.run("plan", tiny.recipe, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    distill = next(line for line in result.stdout.splitlines() if line.split()[:2] == ["stale", "distill"])
+    assert distill.split()[2] == f"~{fmt_duration(took['distill']['s'])}", result.stdout
+    as_json = json.loads(tiny.run("plan", tiny.recipe, "--device", "cpu", "--json").stdout)
+    expected = as_json["expected"]
+    assert expected["seconds"] == pytest.approx(sum(s["expected_s"] or 0 for s in as_json["stages"]))
+    assert expected["seconds"] >= took["distill"]["s"]
+    assert result.stdout.splitlines()[-1].startswith(
+        f"~{fmt_duration(expected['seconds'])} expected for {expected['stale']} stale stages"), result.stdout
 
 
 def test_lock_file_is_sorted_and_timeless(tiny):
