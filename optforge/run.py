@@ -7,8 +7,10 @@ OptforgeError such as DataError, which is the user's to fix: exit 2), nothing is
 file records the error; the build stops there, or with `keep_going` goes on with whatever does not
 depend on it.
 
-The lock file is rewritten after every stage, so a killed build keeps what it completed. Nothing here
-imports torch: stage runners do, and only when a stage actually runs.
+The lock file is rewritten after every stage, so a killed build keeps what it completed; each stage's
+wall time goes to the cache's timings.json (optforge.timings), what the next `plan` expects it to take.
+Long loops inside a stage report progress (`stage_progress`). Nothing here imports torch: stage runners
+do, and only when a stage actually runs.
 """
 
 from __future__ import annotations
@@ -307,6 +309,8 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
             keep_going: bool = False, wait: bool = False, echo: Callable[[str], None] = _stdout,
             log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True,
             started: Optional[float] = None) -> BuildResult:
+    """Build `session`'s stale stages (dry_run: only say which). `progress`: long loops show a tqdm bar on a
+    terminal, else a line every $OPTFORGE_PROGRESS_INTERVAL seconds on stderr; False: nothing."""
     t0 = started if started is not None else time.perf_counter()
     force = set(force)
     selected = select(session.graph, until)

@@ -189,3 +189,12 @@ def test_a_build_off_a_terminal_prints_progress_lines(tmp_path, monkeypatch, cap
     assert [(m[1], m[2]) for m in steps] == [("1", "33"), ("2", "67"), ("3", "100")], teacher
     assert re.fullmatch(r"  \[teacher\] steps: done: 3 steps in \S+(, \S+ steps/s)?", teacher[-1]), teacher
     assert sum(": done: 3 steps in " in line for line in err) == len(result.ran) == 20  # one per stage
+
+
+def test_a_bad_interval_stops_the_build_before_it_starts(cli, optforge_env, fake_kinds):
+    toy = fake_kinds.write_toy(optforge_env.root / "recipes")
+    result = cli("build", toy, "--device", "cpu", env={ENV_INTERVAL: "soon"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {ENV_INTERVAL}='soon': not a number of seconds between progress "
+                                          "lines (a finite number >= 0, e.g. 30 or 0.5)"]
+    assert not (toy.with_suffix(".lock")).exists()  # nothing ran
