@@ -5,10 +5,12 @@
     locks/<recipe>.lock        flock: one build of a recipe at a time (holds the builder's pid)
     locks/.builds              flock: shared by every running build, exclusive for `gc`
     locks/.registry            flock: around every write of recipes.json
+    locks/.timings             flock: around every write of timings.json
     locks/keys/<key>.lock      flock: around running the stage of that key (holds the builder's pid)
     recipes.json               lock files of known recipes (what `gc` keeps alive)
     fingerprints.json          sha256 memo by path+size+mtime_ns (optforge.fingerprint.FileHashes)
     device.json                device probe, once per boot
+    timings.json               how long each stage took, per machine (optforge.timings: what `plan` expects)
 
 Trust rule: an entry is trusted only through its manifest, which is written and fsynced after every
 artifact file and before the atomic rename into objects/. A SIGKILL at any moment leaves either a
@@ -314,7 +316,9 @@ class Cache:
         return self._pid_lock(self.locks / "keys" / f"{key}.lock", on_wait)
 
     @contextlib.contextmanager
-    def _exclusive(self, lockname: str):
+    def exclusive(self, lockname: str):
+        """flock `locks/<lockname>` exclusively: around a read-modify-write of a file shared by builds
+        (`.registry`: recipes.json; `.timings`: timings.json)."""
         self.locks.mkdir(parents=True, exist_ok=True)
         with open(self.locks / lockname, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -332,13 +336,13 @@ class Cache:
         path = str(Path(lockfile).absolute())
         if path in self.registered():  # the common case, and a no-op build must not write
             return
-        with self._exclusive(".registry"):  # read-modify-write across concurrent builds
+        with self.exclusive(".registry"):  # read-modify-write across concurrent builds
             known = set(self.registered()) | {path}
             write_json_atomic(self.root / "recipes.json", {"lockfiles": sorted(known)}, indent=1)
 
     def unregister(self, lockfile: Path) -> bool:
         path = str(Path(lockfile).absolute())
-        with self._exclusive(".registry"):
+        with self.exclusive(".registry"):
             known = self.registered()
             if path not in known:
                 return False
@@ -387,7 +391,7 @@ class Cache:
         (paths), `forget_missing` (every missing one). Nothing is forgotten by a dry run."""
         from optforge.lockfile import is_optforge_lock
 
-        with self._no_build_running(), self._exclusive(".registry"):
+        with self._no_build_running(), self.exclusive(".registry"):
             registered = self.registered()
             forgotten = sorted({str(Path(p).absolute()) for p in forget})
             unknown = [p for p in forgotten if p not in registered]

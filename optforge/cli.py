@@ -87,28 +87,42 @@ def validate(recipes):
 
 @main.command()
 @click.argument("recipe")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {stages: [...]}.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object {stages: [...], expected: {seconds, stale, no_estimate}}.")
 @click.option("--verify", is_flag=True, help="Hash every cached file (slower) instead of size+mtime.")
 @device_option
 @user_errors
 def plan(recipe, as_json, verify, device):
-    """Stages in execution order, fresh or stale, and why."""
+    """Stages in execution order, fresh or stale, and why; for a stale stage, how long its last run on
+    this machine took (else the last run of its kind here), and the total."""
     from optforge.run import verify_all
     from optforge.session import open_session
+    from optforge.timings import expected, machine_name, plan_estimates, total_line
 
     session = open_session(recipe, device, display=recipe)
     plans = session.plan()
     if verify:
         verify_all(session, plans)
     session.save_hashes()
+    estimates = plan_estimates(session.cache.root, machine_name(session.device_fp), session.name, plans)
     if as_json:
-        click.echo(json.dumps({"stages": [p.to_json() for p in plans]}, indent=1))
+        stages = [{**p.to_json(), "expected_s": e.seconds if e else None, "expected_from": e.source if e else None}
+                  for p in plans for e in [estimates.get(p.name)]]
+        click.echo(json.dumps({"stages": stages, "expected": expected(plans, estimates)}, indent=1))
         return
     width = max(len(p.name) for p in plans)
+    labels = {name: e.label() for name, e in estimates.items()}
+    label_width = max(map(len, labels.values()), default=0)
     for p in plans:
-        click.echo(f"{p.status:<6} {p.name:<{width}}  {'; '.join(p.reasons)}".rstrip())
+        columns = [f"{p.status:<6} {p.name:<{width}}"]
+        if label_width:
+            columns.append(f"{labels.get(p.name, ''):<{label_width}}")
+        click.echo("  ".join(columns + ["; ".join(p.reasons)]).rstrip())
     stale = sum(p.status == "stale" for p in plans)
     click.echo(f"{stale} stale, {len(plans) - stale} fresh")
+    total = total_line(plans, estimates)
+    if total:
+        click.echo(total)
 
 
 @main.command()

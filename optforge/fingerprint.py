@@ -5,6 +5,7 @@ import anywhere here: versions come from package metadata, so `plan` and a no-op
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,10 +34,15 @@ def write_json_atomic(path: Path, obj, indent: int | None = None) -> None:
     """Temp file + rename: a reader (or a SIGKILL) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True, indent=indent)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, sort_keys=True, indent=indent)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a failed write leaves nothing behind
+        raise
 
 
 def read_json(path: Path, default=None):

@@ -41,6 +41,7 @@ class StagePlan:
     reasons: list[str]
     record: dict  # the key material plus input stage names: what the lock file stores for this stage
     entry: EntryState = EntryState("missing")
+    blocked: Optional[str] = None  # a stale stage below a recorded failure: why it will be skipped
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "status": self.status, "reasons": self.reasons,
@@ -200,6 +201,7 @@ def _mark_blocked(graph, plans: list[StagePlan], kinds: Mapping[str, KindInfo]) 
     blocked = skipped_below(graph, failed, stale, kinds)
     for p in plans:
         if p.name in blocked:
+            p.blocked = blocked[p.name]
             p.reasons.append(f"{blocked[p.name]} (will be skipped)")
 
 

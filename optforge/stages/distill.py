@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> dict:
     eval_ids = tokens.tokenize(s_tok, data.eval_texts, data.max_length)
     metrics = dict(stats)
     metrics.update(training.evaluate_model(student, eval_ids, data.eval_labels, s_tok.pad_token_id or 0,
-                                           ctx.device))
+                                           ctx.device, bar=ctx.bar))
     metrics["params"] = sum(p.numel() for p in student.parameters())
     modeling.save_classifier(student.cpu(), s_tok, {"max_length": s_meta["max_length"],
                                                     "source": s_meta.get("source", "student") + " + distill"},

@@ -28,7 +28,8 @@ def run(ctx: StageContext) -> dict:
         return runnable.forward({"input_ids": input_ids, "attention_mask": attention_mask})
 
     with kernel_failure("forward"):
-        logits = training.predict_logits(forward, ids, runnable.pad_id, runnable.device, params.batch_size)
+        logits = training.predict_logits(forward, ids, runnable.pad_id, runnable.device, params.batch_size,
+                                         bar=ctx.bar, desc="evaluate")
     metrics = classification_metrics(logits.argmax(-1).tolist(), labels, runnable.num_labels)
     ctx.log(f"{ctx.name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
             f"({runnable.description}, n={metrics['n']})")

@@ -75,8 +75,8 @@ def run(ctx: StageContext) -> dict:
     metrics: dict = {"method": params.method, "params_before": before["params"],
                      "nonzero_before": before["nonzero"],
                      "flops_per_token_before": flops_per_token(model, seq), "flops_seq_len": seq}
-    metrics["accuracy_before"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id,
-                                                         ctx.device)["accuracy"]
+    metrics["accuracy_before"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id, ctx.device,
+                                                         bar=ctx.bar, desc="evaluate before")["accuracy"]
 
     pruned_layers = None
     if params.method == "unstructured":
@@ -89,12 +89,12 @@ def run(ctx: StageContext) -> dict:
         pruned_layers = shrink(model, plan)
         metrics.update(removed_fractions(pruned_layers, before_shapes=plan))
 
-    metrics["accuracy_after_prune"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id,
-                                                              ctx.device)["accuracy"]
+    metrics["accuracy_after_prune"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id, ctx.device,
+                                                              bar=ctx.bar, desc="evaluate pruned")["accuracy"]
     if params.recover is not None:
         metrics.update(recover(ctx, model, tokenizer, data, params.recover))
-        metrics["accuracy_after_recovery"] = training.evaluate_model(model, eval_ids, data.eval_labels, pad_id,
-                                                                     ctx.device)["accuracy"]
+        metrics["accuracy_after_recovery"] = training.evaluate_model(
+            model, eval_ids, data.eval_labels, pad_id, ctx.device, bar=ctx.bar, desc="evaluate recovered")["accuracy"]
     if params.method == "unstructured":
         make_permanent(targets)
         metrics.update(sparsity_stats(targets))

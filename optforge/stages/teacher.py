@@ -41,7 +41,8 @@ def run(ctx: StageContext) -> dict:
                 f"final loss {stats['final_loss']:.4f}")
     training.configure_threads()
     eval_ids = tokens.tokenize(tokenizer, data.eval_texts, data.max_length)
-    metrics.update(training.evaluate_model(model.to(ctx.device), eval_ids, data.eval_labels, pad_id, ctx.device))
+    metrics.update(training.evaluate_model(model.to(ctx.device), eval_ids, data.eval_labels, pad_id, ctx.device,
+                                           bar=ctx.bar))
     metrics["params"] = sum(p.numel() for p in model.parameters())
     modeling.save_classifier(model.cpu(), tokenizer, {"max_length": data.max_length, "source": source}, ctx.out)
     return metrics

@@ -25,6 +25,7 @@ from optforge_testing import REPO, TINY, copy_built, run_cli as optforge, shared
 from optforge.cache import Cache
 from optforge.graph import build_graph
 from optforge.lockfile import read_lock
+from optforge.progress import fmt_duration
 from optforge.recipe import Recipe
 
 pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
@@ -75,6 +76,42 @@ def test_full_build_then_noop_imports_no_torch(built_tiny, tiny):
     assert result.stdout.splitlines()[-1] == f"nothing to do: {n} stages fresh"
     assert "torch" not in mods.read_text().split()
     print(f"no-op build: {wall:.2f}s")  # the budget (<= 1 s) is measured by benchmarks/noop_build.py
+
+
+def test_a_piped_build_reports_training_progress_in_lines(built_tiny, tiny):
+    """Off a terminal, the teacher's and the distill stage's training print progress lines to stderr:
+    steps climbing to the total (the steps the stage recorded), rates, the loss, elapsed, ETA, then the totals."""
+    lock = read_lock(tiny.recipe.with_suffix(".lock"))["stages"]
+    err = built_tiny.stderr.splitlines()
+    for stage, desc in [("teacher", "teacher finetune"), ("distill", "distill")]:
+        total = Cache(tiny.cache).manifest(lock[stage]["key"])["metrics"]["steps"]
+        prefix = f"  [{stage}] {desc}: "
+        step_line = re.compile(rf"step (\d+)/{total} \(\d+%\), [\d.]+ steps/s, [\d.]+ ex/s, loss \d+\.\d{{4}}, "
+                               r"elapsed \S+, ETA \S+")
+        steps = [int(m[1]) for line in err if line.startswith(prefix)
+                 for m in [step_line.fullmatch(line[len(prefix):])] if m]
+        assert steps and steps == sorted(set(steps)) and steps[-1] <= total, err
+        done = [line for line in err if line.startswith(f"{prefix}done: ")]
+        assert len(done) == 1 and re.fullmatch(rf"{re.escape(prefix)}done: {total} steps in \S+, [\d.]+ steps/s, "
+                                               r"[\d.]+ ex/s, loss \d+\.\d{4}", done[0]), done
+
+
+def test_plan_expects_what_each_stage_took_here(tiny):
+    """After the build, a stale stage's plan line says how long its last run took on this machine."""
+    timings = json.loads((tiny.cache / "timings.json").read_text())["machines"]
+    (machine,) = timings
+    took = timings[machine]["recipes"]["tiny"]
+    edit(tiny.recipe, EXPENSIVE_EDITS["distill"][0])
+    result = tiny.run("plan", tiny.recipe, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    distill = next(line for line in result.stdout.splitlines() if line.split()[:2] == ["stale", "distill"])
+    assert distill.split()[2] == f"~{fmt_duration(took['distill']['s'])}", result.stdout
+    as_json = json.loads(tiny.run("plan", tiny.recipe, "--device", "cpu", "--json").stdout)
+    expected = as_json["expected"]
+    assert expected["seconds"] == pytest.approx(sum(s["expected_s"] or 0 for s in as_json["stages"]))
+    assert expected["seconds"] >= took["distill"]["s"]
+    assert result.stdout.splitlines()[-1].startswith(
+        f"~{fmt_duration(expected['seconds'])} expected for {expected['stale']} stale stages"), result.stdout
 
 
 def test_lock_file_is_sorted_and_timeless(tiny):

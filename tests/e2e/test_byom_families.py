@@ -15,7 +15,7 @@ from optforge_testing import shared_data_root
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "stages"))
 from tiny_models import FAMILIES, save_tiny_checkpoint  # noqa: E402
-from test_build_tiny import optforge  # noqa: E402
+from optforge_testing import run_cli as optforge  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
 

@@ -20,21 +20,25 @@ FILLER = ["the", "movie", "film", "was", "a", "plot", "actors", "really", "quite
 
 
 def _run_stage(kind: str, params: dict, out: Path, inputs: dict | None = None,
-              input_metrics: dict | None = None, data_files: dict | None = None, device: str = "cpu") -> dict:
-    """Validate `params` with the kind's model and call its run() the way the engine does."""
+              input_metrics: dict | None = None, data_files: dict | None = None, device: str = "cpu",
+              progress=None) -> dict:
+    """Validate `params` with the kind's model and call its run() the way the engine does (`progress`:
+    what StageContext.bar calls, e.g. optforge.run.stage_progress(...); None: no progress)."""
     k = get_kind(kind)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(name=kind, kind=kind, params=k.params_model.model_validate(params),
                        inputs={r: Path(p) for r, p in (inputs or {}).items()},
                        input_metrics=input_metrics or {}, out=out, device=device,
-                       data_files={r: Path(p) for r, p in (data_files or {}).items()}, log=lambda s: None)
+                       data_files={r: Path(p) for r, p in (data_files or {}).items()}, log=lambda s: None,
+                       progress=progress)
     return k.run(ctx)
 
 
 @pytest.fixture(scope="session")
 def run_stage():
-    """run_stage(kind, params: dict, out, inputs=None, input_metrics=None, data_files=None) -> metrics."""
+    """run_stage(kind, params: dict, out, inputs=None, input_metrics=None, data_files=None, device="cpu",
+    progress=None) -> metrics."""
     return _run_stage
 
 

@@ -87,3 +87,29 @@ def test_distill_runs_the_teacher_once(tiny_teacher, toy_data, run_stage, tmp_pa
                   {"data": data_metrics})
     assert calls["teacher"] == math.ceil(256 / 128)  # one inference pass in batches of 128
     assert calls["student"] == m["steps"] + math.ceil(64 / 64)  # training steps + one eval pass
+
+
+def test_distill_reports_each_of_its_loops(tiny_teacher, toy_data, run_stage, tmp_path):
+    """Off a terminal, with a line at every update (interval 0) and a clock that stands still (so no rate
+    and no ETA): the teacher's logits pass, the training steps with the loss and examples/s, evaluation."""
+    import io
+    import re
+
+    from optforge.run import stage_progress
+
+    data_dir, data_metrics = toy_data
+    run_stage("student", {"from_teacher": {"layers": [0]}}, tmp_path / "student", {"teacher": tiny_teacher[0]})
+    out = io.StringIO()
+    m = run_stage("distill", {"epochs": 1, "batch_size": 16}, tmp_path / "distill",
+                  {"student": tmp_path / "student", "teacher": tiny_teacher[0], "data": data_dir},
+                  {"data": data_metrics}, progress=stage_progress("distill", file=out, interval=0, clock=lambda: 0.0))
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["  [distill] distill: teacher logits: example 128/256 (50%), elapsed 0.0s",
+                         "  [distill] distill: teacher logits: example 256/256 (100%), elapsed 0.0s",
+                         "  [distill] distill: teacher logits: done: 256 examples in 0.0s"]
+    steps = [re.fullmatch(r"  \[distill\] distill: step (\d+)/16 \(\d+%\), [\d.]+ ex/s, loss \d+\.\d{4}, "
+                          r"elapsed 0\.0s", line) for line in lines[3:19]]
+    assert [int(s[1]) for s in steps] == list(range(1, 17)) == list(range(1, m["steps"] + 1)), lines
+    assert re.fullmatch(r"  \[distill\] distill: done: 16 steps in 0\.0s, [\d.]+ ex/s, loss \d+\.\d{4}", lines[19])
+    assert lines[20:] == ["  [distill] evaluate: example 64/64 (100%), elapsed 0.0s",
+                          "  [distill] evaluate: done: 64 examples in 0.0s"]
