@@ -263,7 +263,6 @@ class Executor:
         self._record(p, state)  # before the line: whoever sees "ran X" can rely on the lock file having X
         self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
 
-
     def _timed(self, p: StagePlan, seconds: float) -> None:
         """What the stage took, sealing its entry included: what the next `plan` expects it to take."""
         timings.record(self.s.cache, timings.machine_name(self.s.device_fp), self.s.name, p.name, p.kind, seconds)
