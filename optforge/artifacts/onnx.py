@@ -51,8 +51,8 @@ HEAD_PREFIX = "/head/"  # nodes of the classification head in the exported graph
 def cpu_only(device: str) -> None:
     """StageFailure unless `device` is the CPU."""
     if device != "cpu":
-        raise StageFailure(f"runtime: onnxruntime runs on CPU only (this onnxruntime has no CUDA execution "
-                           f"provider wired in); give this row `devices: [cpu]`, not {device}")
+        raise StageFailure(f"runtime: onnxruntime runs on CPU only (optforge uses ONNX Runtime's CPU execution "
+                           f"provider); give this row `devices: [cpu]`, not {device}")
 
 
 # --------------------------------------------------------------------------- making the graph
