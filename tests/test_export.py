@@ -195,7 +195,7 @@ def test_pt2_refuses_an_uncompiled_row(tiny, tmp_path):
 def test_unknown_and_unbuilt_rows_are_clear_errors(tiny, tmp_path):
     line = one_error_line(export(tiny, "--config", "nosuch", "--format", "pt2", "--out", tmp_path / "x"))
     assert line == ("error: unknown config 'nosuch' (known: baseline, student, pruned, sparse, student-dyn8, "
-                    "student-compiled)")
+                    "student-compiled, student-ort, student-ort-int8)")
     more = tiny.recipe.with_name("more.yaml")  # the same recipe with two rows nobody built
     more.write_text(tiny.recipe.read_text().replace(
         "configs:\n", "configs:\n  - {name: later-bf16, model: teacher, precision: bf16}\n"
