@@ -435,10 +435,10 @@ def stock(tmp_path_factory):
                            run=lambda *a: run_cli(*a, cwd=root, cache=root / "cache"))
 
 
+# end to end for the layer-subset student (about 20 s of CI a row); one-width FFN pruning and bf16 weights
+# are written by hf.write in test_hf_writes_each_stock_family_with_its_ffn_width / test_hf_bf16_export_saves_bf16_weights
 @pytest.mark.parametrize("config, layers, ffn, dtype", [
     ("student", 2, 64, "float32"),       # a subset of the teacher's layers: the config's layer count
-    ("narrow", 3, 32, "float32"),        # FFN pruned to one width in every layer: the config's intermediate size
-    ("teacher-bf16", 3, 64, "bfloat16"),  # a bf16 row: bf16 weights, the config's dtype
 ])
 def test_hf_export_of_a_stock_head_row_round_trips_and_loads_with_transformers_alone(stock, config, layers, ffn,
                                                                                      dtype):

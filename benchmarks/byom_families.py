@@ -1,10 +1,14 @@
-"""Bring your own model, end to end: a tiny random classifier checkpoint of each supported family
+"""Bring your own model, end to end: a tiny random classifier checkpoint
 (`AutoModelForSequenceClassification.from_config` + `save_pretrained`) is the teacher, used as is, and
-goes through every stage of a tiny recipe: student from layers, distillation, structured and
+goes through every stage of a tiny recipe as a user's build would, in a subprocess: student from layers, distillation, structured and
 unstructured pruning, quantization, evaluation, benchmark, report, and export: the stock-head student as a
 transformers directory, the pruned student as ONNX (a head-pruned model has no stock config: hf refuses it
 and names the formats that take it). Compile per family is in tests/stages/test_families.py (AOTInductor
-takes a minute a model here), pt2 export in tests/test_export.py."""
+takes a minute a model here), pt2 export in tests/test_export.py.
+
+Run it with `OPTFORGE_DATA_ROOT=../shared/data python -m pytest benchmarks/byom_families.py` (about a
+minute a family on 2 cores): out of CI for time; in CI each family, under both heads, goes through the same
+stages one by one (tests/stages/test_families.py) and hf export (tests/test_export.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from optforge_testing import shared_data_root
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "stages"))
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "stages")]
 from tiny_models import FAMILIES, save_tiny_checkpoint  # noqa: E402
-from optforge_testing import run_cli as optforge  # noqa: E402
+from optforge_testing import run_cli as optforge, shared_data_root  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (shared_data_root() / "sst2" / "train.tsv").is_file(), reason="no SST-2 data")
 
@@ -48,7 +51,7 @@ benchmark: {{batch_sizes: [1, 4], warmup: 1, min_runs: 3, max_seconds: 0.2}}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_stage_runs_on_a_checkpoint_of_each_family(family, tmp_path):
+def test_every_stage_runs_on_a_classifier_checkpoint(family, tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", family)
     recipe = tmp_path / f"{family}.yaml"
     recipe.write_text(RECIPE.format(family=family, ckpt=ckpt))
