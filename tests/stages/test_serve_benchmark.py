@@ -22,7 +22,7 @@ import yaml
 from optforge.errors import StageFailure
 from optforge.recipe import GatesSpec
 from optforge.serve.choose import choose_config, verdict_rows
-from optforge_testing import shared_data_root
+from optforge_testing import copy_built, shared_data_root
 from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,9 +196,13 @@ TINY = REPO / "recipes" / "tiny.yaml"
 DATA = shared_data_root()
 
 
-def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
+def test_tiny_recipe_with_serve_benchmark_end_to_end(built_tiny, tmp_path):
+    # On a copy of the session's tiny build: the trimmed recipe's stages are all cached there (a key
+    # does not depend on which other rows a recipe has), so only serve_benchmark runs.
+    t = copy_built(built_tiny, tmp_path / "t")
+    env = dict(os.environ, OPTFORGE_CACHE=str(t.cache), OPTFORGE_DATA_ROOT=str(DATA))
     recipe = yaml.safe_load(TINY.read_text())
-    # trimmed to three rows (a float baseline, a float student, a quantized student) so the build is short
+    # trimmed to three rows (a float baseline, a float student, a quantized student)
     keep = {"baseline", "student", "student-dyn8"}
     recipe["configs"] = [c for c in recipe["configs"] if c["name"] in keep]
     recipe["prune"] = []
@@ -209,13 +213,12 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
     serve = {"config": "best", "slo_p99_ms": 50, "rates": [10, 30], "max_batch": 8, "max_wait_ms": 2,
              "duration_s": 0.5, "max_requests": 15}
     recipe["serve_benchmark"] = serve
-    path = tmp_path / "tiny-serve.yaml"
+    path = t.root / "recipes" / "tiny-serve.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    env = dict(os.environ, OPTFORGE_CACHE=str(tmp_path / "cache"), OPTFORGE_DATA_ROOT=str(DATA))
-    result = subprocess.run([sys.executable, "-m", "optforge.cli", "build", str(path), "--device", "cpu"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    result = t.run("build", path, "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "ran     serve_benchmark" in result.stdout, result.stdout
+    ran = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ran ")]
+    assert ran == ["serve_benchmark"], result.stdout
     assert "Failed to load" not in result.stderr and "is an Enum subclass" not in result.stderr  # quiet.py
 
     from optforge.cache import Cache
@@ -223,34 +226,33 @@ def test_tiny_recipe_with_serve_benchmark_end_to_end(tmp_path):
 
     lock = read_lock(path.with_suffix(".lock"))
     key = lock["stages"]["serve_benchmark"]["key"]
-    serving = Cache(tmp_path / "cache").manifest(key)["metrics"]["serving"]
+    serving = Cache(t.cache).manifest(key)["metrics"]["serving"]
     check_serving(serving, serving["config"], serve | {"seed": 0}, all_answered=False)
     assert serving["config"] in keep and serving["choice"]["requested"] == "best"
 
     assert serving["choice"]["why"].startswith("no configuration is ready")
-    doc = json.loads((tmp_path / "reports" / "tiny-serve" / "results.json").read_text())
+    doc = json.loads((t.root / "reports" / "tiny-serve" / "results.json").read_text())
     assert doc["serving"]["config"] == serving["config"] and doc["best"] is None
-    md = (tmp_path / "reports" / "tiny-serve" / "report.md").read_text()
+    md = (t.root / "reports" / "tiny-serve" / "report.md").read_text()
     assert "## Serving" in md and "batching on" in md
 
-    again = subprocess.run([sys.executable, "-m", "optforge.cli", "build", str(path), "--device", "cpu"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = t.run("build", path, "--device", "cpu")
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
 
     # `optforge serve` on what was built: no row passed the gates, so it names the row the stage chose
     fallback = subprocess.run([sys.executable, "-m", "optforge.cli", "serve", str(path), "--port", "0"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                              cwd=t.root, env=env, capture_output=True, text=True, timeout=120)
     assert fallback.returncode == 2 and fallback.stderr == (
         f"error: no configuration of {path} passed the gates (its report gives each row's verdict); "
         f"--config {serving['config']} serves the fastest one within the accuracy gate anyway\n"), fallback.stderr
     # ...which it serves when named; then a name that does not exist
-    with serve_cli(path, "--config", serving["config"], cwd=tmp_path, env=env) as port:
+    with serve_cli(path, "--config", serving["config"], cwd=t.root, env=env) as port:
         status, body = http(port, "GET", "/healthz")
         assert status == 200 and json.loads(body)["config"] == serving["config"]
         status, body = http(port, "POST", "/predict", b'{"texts": ["a fine film", "dull"]}')
         assert status == 200 and len(json.loads(body)["predictions"]) == 2
     bad = subprocess.run([sys.executable, "-m", "optforge.cli", "serve", str(path), "--config", "studnet",
-                          "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                          "--port", "0"], cwd=t.root, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "did you mean 'student'" in bad.stderr, bad.stderr
 
 
