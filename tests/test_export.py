@@ -192,6 +192,17 @@ def test_pt2_refuses_an_uncompiled_row(tiny, tmp_path):
                            "torch-int8-dynamic); "), line
 
 
+def test_onnx_refuses_pytorch_int8_once_prefixed_and_hf_names_onnx_for_an_ort_row(tiny, tmp_path):
+    line = one_error_line(export(tiny, "--config", "student-dyn8", "--format", "onnx", "--out", tmp_path / "o"))
+    assert line == ("error: not exportable as onnx: PyTorch dynamic int8 packed weights have no ONNX operator "
+                    "mapping; export the row's float model, or add a `runtime: onnxruntime` row with the same "
+                    "quantize entry (ONNX int8); available for this row: none"), line
+    line = one_error_line(export(tiny, "--config", "student-ort-int8", "--format", "hf", "--out", tmp_path / "h"))
+    assert line == ("error: not exportable as hf: an ONNX Runtime row is an ONNX graph, not PyTorch weights a "
+                    "transformers config can describe; export it as onnx, or the float row it was built from as "
+                    "hf; available for this row: onnx"), line
+
+
 def test_unknown_and_unbuilt_rows_are_clear_errors(tiny, tmp_path):
     line = one_error_line(export(tiny, "--config", "nosuch", "--format", "pt2", "--out", tmp_path / "x"))
     assert line == ("error: unknown config 'nosuch' (known: baseline, student, pruned, sparse, student-dyn8, "

@@ -59,7 +59,9 @@ def check(meta: dict, artifact_dir: Path) -> Optional[str]:
     if fmt in ("aoti", "compiled"):
         return COMPILED.format(fmt=fmt, pt2=", or this row as pt2" if fmt == "aoti" else "")
     if fmt != "float":
-        return f"format {fmt!r} is not a float model"
+        return (f"an ONNX Runtime row is an ONNX graph, not PyTorch weights a transformers config can describe; "
+                "export it as onnx, or the float row it was built from as hf" if fmt == "onnx"
+                else f"format {fmt!r} is not a float model")
     head = json.loads((Path(artifact_dir) / HEAD).read_text())
     if head.get("head") != "stock":
         return OPTFORGE_HEAD.format(pooling=head.get("pooling", "?"))

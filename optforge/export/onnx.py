@@ -72,16 +72,16 @@ def check(meta: dict, artifact_dir: Path) -> Optional[str]:
         return None
     if fmt == "onnx":
         if not (Path(artifact_dir) / MODEL).is_file():
-            return f"not exportable as onnx: the artifact has no {MODEL}"
+            return f"the artifact has no {MODEL}"
         return None
     if fmt == "torch-int8-dynamic":
         dtype = "fp16" if meta.get("method") == "torch-fp16-dynamic" else "int8"
         instead = ("export the row's float model" if dtype == "fp16" else
                    _INSTEAD + " with the same quantize entry (ONNX int8)")
-        return f"not exportable as onnx: PyTorch dynamic {dtype} packed weights have no ONNX operator mapping; {instead}"
+        return f"PyTorch dynamic {dtype} packed weights have no ONNX operator mapping; {instead}"
     if fmt in _REFUSED:
-        return f"not exportable as onnx: {_REFUSED[fmt]}"
-    return f"not exportable as onnx: unknown artifact format {fmt!r}"
+        return _REFUSED[fmt]
+    return f"unknown artifact format {fmt!r}"
 
 
 def write(artifact_dir: Path, out: Path) -> dict:
@@ -95,7 +95,7 @@ def write(artifact_dir: Path, out: Path) -> dict:
     meta = read_meta(artifact_dir)
     reason = check(meta, artifact_dir)
     if reason is not None:
-        raise OptforgeError(reason)
+        raise OptforgeError(f"not exportable as onnx: {reason}")
     notes: list[str] = []
     if meta["format"] == "float":
         _export_float(artifact_dir, meta, out / MODEL, notes)
