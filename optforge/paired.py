@@ -29,8 +29,8 @@ and the speedup carries a confidence interval.
     normal CDF, t_{n-1} the Student t quantile. The plain percentile interval is too narrow over few
     rounds: on lognormal timings (sigma 0.3, 10 calls a block, 300 seeds) a 95 % one held the true
     ratio in 85 % of cases over 4 rounds, 90 % over 6, 93 % over 10; the expanded one in 90 %, 97 %, 96 %
-    (tests/test_paired.py). a is 0.01 % over 4 rounds, 0.9 % over 10, 2.1 % over 50, tending to
-    (1 - c) / 2;
+    (the 6-round case is asserted in tests/test_paired.py). a is 0.01 % over 4 rounds, 0.24 % over 6,
+    0.9 % over 10, 2.1 % over 50, tending to (1 - c) / 2;
   - *percentile* (`expanded=False`): a = (1 - c) / 2.
 - **Seed.** `measure_paired` bootstraps scope c with `mix_seed(seed, c)`; the caller passes a `seed`
   that already mixes the benchmark's seed and the batch size (`mix_seed(seed, batch)`), so a result is
@@ -44,7 +44,7 @@ and the speedup carries a confidence interval.
   overran the box: at most that pass) past the box. Fewer than `min_rounds` rounds in the box:
   `too_slow: True` and no interval claimed (`ci_low`/`ci_high`/`half_width` None, `conclusive` False);
   no round at all (a warm-up pass already spent the box): `speedup` None too, and `times` are empty
-  (`warmup_times` still say how long a call takes). `min_rounds` defaults to 6: over 4 rounds no interval
+  (`warmup_times` still say how long a call takes). `min_rounds` defaults to 6: over 4 rounds neither interval
   reaches its stated rate (numbers above), and a low-noise row stops at the first check.
 - **When the width is checked.** Only after an even number of rounds (each side then went first equally
   often), first at `min_rounds`; after a check that fails, the next one comes where the half-width,
@@ -218,11 +218,13 @@ def measure_paired(fns: Mapping[tuple[str, str], Callable[[], object]], *, warmu
                    clock: Callable[[], float] = time.perf_counter, expanded: bool = True) -> dict:
     """Time every (side, scope) function of `fns` interleaved, in rounds of blocks, until the speedup of
     every scope with both sides is known to `ci_width`, or the box or `max_rounds` ends it (module
-    docstring). Returns the dict of docs/results-schema.md's `paired_run` and `paired`, with per-call
-    seconds under `times` (round i's block of (side, scope) is `times[side][scope][i*n:(i+1)*n]`, n =
-    `block_calls[side][scope]`), plus `warmup_times`, `checked_at`, `ci_s` (seconds spent on intervals,
-    in the box and after it), `interval` (`"expanded percentile"` or `"percentile"`) and, per compared
-    scope, the bootstrap `seed`."""
+    docstring). Returns `rounds`, `stopped` ("width", "time box" or "max rounds"), `elapsed_s` (warm-up
+    included), `warmup_s`, `too_slow`, `ci_width`, `confidence`, `min_rounds`; `times[side][scope]`, the
+    per-call seconds in order (round i's block is `[i*n:(i+1)*n]`, n = `block_calls[side][scope]`);
+    `compare[scope]` for each scope with both sides: `speedup`, `ci_low`, `ci_high`, `half_width`,
+    `conclusive`, `blocks` (rounds), `calls_row`, `calls_base`, `seed` (its bootstrap's); and
+    `warmup_times`, `checked_at`, `ci_s` (seconds spent on intervals, in the box and after it) and
+    `interval` ("expanded percentile" or "percentile")."""
     if not fns:
         raise ValueError("nothing to measure")
     for side, scope in fns:
