@@ -30,7 +30,7 @@ PURE = [
     "optforge.stages.onnxruntime", "optforge.artifacts.onnx", "optforge.export.onnx",
     "optforge.export", "optforge.export.command", "optforge.export.card",
     "optforge.export.publish",
-    "optforge.progress", "optforge.timings",
+    "optforge.progress", "optforge.timings", "optforge.paired",
 ]
 HEAVY = ("torch", "transformers", "torchao", "onnxruntime", "onnx")
 
