@@ -12,9 +12,11 @@ Conventions (documented in docs/results-schema.md, asserted in tests/test_bench.
 - throughput = batch_size / p50 (samples per second at the median call). The median, not the mean,
   so one call stalled by a neighbour on a shared machine does not move it; `throughput_mean`
   (batch_size / mean = total samples over total timed seconds) is recorded next to it;
-- speedup = baseline time / this time (> 1 means faster than the baseline);
-- `max_seconds` boxes one (batch size, scope) measurement, warm-up included (`measure`); a row stopped
-  short of `min_runs` timed calls says `"capped": true` next to its `runs` (`summarize`).
+- speedup = baseline time / this time (> 1 means faster than the baseline); the benchmark stage's
+  speedups are paired ratios of medians with intervals (optforge.paired);
+- `measure` boxes one function's measurement, warm-up included (the benchmark stage boxes a whole batch
+  size, every scope of the row and the baseline, with `paired.measure_paired`); STATS with fewer than
+  `min_runs` timed calls say `"capped": true` next to their `runs` (`summarize`).
 """
 
 from __future__ import annotations

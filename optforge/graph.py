@@ -3,7 +3,8 @@
 Stage names are what users type (`--force distill`, `--until evaluate:baseline`):
   data, teacher, student, distill, prune:<name>, then per configuration <kind>:<config> for every stage
   kind with a row step (optforge.stages.base.RowStep, in row order: quantize, compile, evaluate,
-  benchmark), and serve_benchmark when the recipe asks for it
+  benchmark), and serve_benchmark when the recipe asks for it. Every benchmark but the baseline row's
+  also reads the baseline row's final artifact (input role `baseline`): speedups are measured in one run.
 Configurations that share a (model, precision, quantization) path get equal keys, so the cache
 computes each distinct artifact once however many rows use it.
 """
@@ -104,8 +105,9 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
 
     # each configuration (report row): its model stage, then every registered row step that applies to it
     # (stages.base.RowStep: quantize, compile, ... make the next artifact; evaluate, benchmark measure it)
-    config_model: dict[str, str] = {}  # config -> the stage whose artifact it runs
     steps = row_steps()
+    config_model = {c.name: final_model(recipe, c, steps) for c in recipe.configs}  # the artifact a row runs
+    baseline = next((c for c in recipe.configs if c.name == recipe.baseline_config), None)
     for c in recipe.configs:
         src = model_stage_name(recipe, c.model)
         for kind in steps:
@@ -113,10 +115,14 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
             if not step.applies(recipe, c):
                 continue
             inputs = {"model": src} | ({"data": "data"} if step.needs_data else {})
-            add(Node(f"{kind.kind}:{c.name}", kind.kind, step.params(recipe, c), inputs, config=c.name))
+            params = step.params(recipe, c)
+            if step.compares and baseline is not None and c.name != baseline.name:
+                # measured in the same run as the baseline row's final artifact (benchmark: paired speedups)
+                inputs["baseline"] = config_model[baseline.name]
+                params = params | {"baseline_config": baseline.name, "baseline_precision": baseline.precision}
+            add(Node(f"{kind.kind}:{c.name}", kind.kind, params, inputs, config=c.name))
             if not step.measure:
                 src = f"{kind.kind}:{c.name}"
-        config_model[c.name] = src
     sb = recipe.serve_benchmark
     if sb is not None:
         # "best" is decided from the evaluate/benchmark results at run time, so every row is an input
@@ -129,6 +135,16 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
             "baseline": recipe.baseline_config, "gates": recipe.gates.model_dump(mode="json")}
         add(Node("serve_benchmark", "serve_benchmark", params, inputs))
     return Graph(toposort(nodes))
+
+
+def final_model(recipe: Recipe, c, steps) -> str:
+    """The stage whose artifact configuration `c` runs: its model stage, then each artifact-making row
+    step (`measure=False`) that applies to it."""
+    src = model_stage_name(recipe, c.model)
+    for kind in steps:
+        if not kind.row.measure and kind.row.applies(recipe, c):
+            src = f"{kind.kind}:{c.name}"
+    return src
 
 
 def toposort(nodes: Iterable[Node]) -> list[Node]:

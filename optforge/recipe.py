@@ -320,11 +320,28 @@ class BenchmarkSpec(Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     end_to_end: bool = True
     fixed_length: Optional[int] = Field(None, ge=2, le=512)  # pad every input to this many tokens
-    warmup: int = Field(5, ge=0, le=1000)
-    min_runs: int = Field(20, ge=3, le=100000)  # timed calls a stable figure wants; fewer in the box: "capped"
-    max_seconds: float = Field(3.0, gt=0, le=600)  # time box per (batch size, scope), warm-up included
+    warmup: int = Field(5, ge=0, le=1000)  # untimed calls per measured function (at least 1 runs)
+    # Timed calls per side and scope a figure wants: STATS that got fewer (the time box ended first) say
+    # "capped": true. It never lengthens the measurement (the time box and `min_rounds` decide that).
+    min_runs: int = Field(20, ge=3, le=100000)
+    # Time box of ONE batch size's paired measurement: every scope, the row and the baseline, warm-up
+    # included (optforge.paired.measure_paired). The pipelined stream gets about half of it more.
+    max_seconds: float = Field(10.0, gt=0, le=600)
+    # Relative half-width of the speedup's confidence interval that ends the measurement early, and at or
+    # below which a speedup is conclusive (wider at the end of the box: the row is "inconclusive").
+    ci_width: float = Field(0.05, gt=0, lt=1)
+    confidence: float = Field(0.95, ge=0.5, lt=1)  # of the bootstrap interval on every speedup
+    min_rounds: int = Field(4, ge=2, le=1000)  # rounds (one block of every side and scope) before an interval
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
     seed: Seed = 0
+
+    @field_validator("min_rounds")
+    @classmethod
+    def _even_rounds(cls, v):
+        if v % 2:
+            raise ValueError(f"min_rounds must be even (rounds alternate row-first and baseline-first in "
+                             f"ABBA order, so an odd count leaves one side first more often), got {v}")
+        return v
 
     @field_validator("batch_sizes")
     @classmethod
@@ -338,12 +355,16 @@ class BenchmarkSpec(Strict):
 
 class GatesSpec(Strict):
     max_accuracy_drop: float = Field(1.0, ge=0, le=100)  # accuracy points below the baseline
-    min_speedup: float = Field(1.0, gt=0)  # end-to-end p50 speedup vs baseline, at every batch size
-    # timing is "unstable" when, at some batch size and scope, the interquartile range of per-call
-    # latencies exceeds this fraction of the median (robust to the few outliers that p99 reports)
-    max_spread: float = Field(0.10, gt=0)
-    # std / mean above which timing is "unstable"; None: cv is reported but not gated (outliers on
-    # sub-millisecond calls make it 10-20% with a steady median)
+    # the low end of the paired speedup's confidence interval (end to end where both sides have it,
+    # else model) must reach this at every batch size
+    min_speedup: float = Field(1.0, gt=0)
+    # Optional extra gates, off by default (None). How variable single calls are says nothing about how
+    # well the median, and so the speedup, is known: the speedup's interval does (benchmark.ci_width).
+    # max_spread: timing is "unstable" when, at some batch size and scope, the interquartile range of
+    # per-call latencies exceeds this fraction of the median.
+    max_spread: Optional[float] = Field(None, gt=0)
+    # max_cv: std / mean above which timing is "unstable" (a few outliers on sub-millisecond calls make
+    # it 10-20% with a steady median)
     max_cv: Optional[float] = Field(None, gt=0)
 
 
@@ -705,6 +726,10 @@ class EvaluateParams(Strict):
 
 class BenchmarkParams(BenchmarkSpec):
     precision: Precision = "fp32"
+    # The configuration the row is compared with in the same run (its final artifact is the stage's
+    # `baseline` input) and that configuration's precision; None for the baseline row itself.
+    baseline_config: Optional[str] = None
+    baseline_precision: Optional[Precision] = None
 
 
 class ServeBenchmarkParams(ServeBenchmarkSpec):

@@ -87,9 +87,10 @@ def test_overrides_merge_key_by_key(tmp_path):
 
 def test_stability_gates_merge_and_max_cv_can_be_unset_per_device(tmp_path):
     recipe = load_recipe(write(tmp_path)).recipe
-    assert (recipe.gates.max_spread, recipe.gates.max_cv) == (0.10, None)  # cv reported, not gated
+    assert (recipe.gates.max_spread, recipe.gates.max_cv) == (None, None)  # both optional, off by default
     r = Recipe.model_validate(recipe.model_dump() | {
-        "gates": {"max_cv": 0.1}, "overrides": {"cuda": {"gates": {"max_spread": 0.2, "max_cv": None}}}})
+        "gates": {"max_cv": 0.1, "max_spread": 0.10},
+        "overrides": {"cuda": {"gates": {"max_spread": 0.2, "max_cv": None}}}})
     cpu, cuda = r.for_device("cpu").gates, r.for_device("cuda").gates
     assert (cpu.max_spread, cpu.max_cv) == (0.10, 0.1) and (cuda.max_spread, cuda.max_cv) == (0.2, None)
 
@@ -109,6 +110,8 @@ def edit(old: str, new: str) -> str:
 CASES = [
     ("override-value", edit("batch_sizes: [1, 64]", "batch_sizes: [1, 1]"), "batch_sizes: [1, 1]",
      "overrides.cuda.benchmark.batch_sizes", "batch sizes must be unique"),
+    ("override-odd-min-rounds", edit("batch_sizes: [1, 64]", "batch_sizes: [1, 64], min_rounds: 3"),
+     "min_rounds: 3", "overrides.cuda.benchmark.min_rounds", "min_rounds must be even"),
     ("override-unknown-key", edit("batch_sizes: [1, 64]", "batch_size: [1, 64]"), "batch_size: [1, 64]",
      "overrides.cuda.benchmark.batch_size", "did you mean 'batch_sizes'"),
     ("override-serve-spelling", edit("serve_benchmark: false", "serve_benchmark: nope"), "serve_benchmark: nope",

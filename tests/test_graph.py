@@ -103,3 +103,20 @@ def test_the_default_runtime_stays_out_of_dumps():
     ort = Recipe.model_validate(RECIPE | {"configs": [{"name": "base", "runtime": "onnxruntime"}]})
     dumped = ort.model_dump(mode="json")
     assert dumped["configs"][0]["runtime"] == "onnxruntime" and Recipe.model_validate(dumped) == ort
+
+
+def test_every_benchmark_but_the_baselines_reads_the_baseline_rows_model(tmp_path):
+    """Speedups are measured in one run: a row's benchmark gets the baseline row's final artifact (input
+    `baseline`) and its name and precision in its params (so they enter its key); the baseline's doesn't."""
+    g = build_graph(Recipe.model_validate(RECIPE), tmp_path)
+    assert g["benchmark:fast"].inputs == {"model": "compile:fast", "data": "data", "baseline": "teacher"}
+    assert g["benchmark:fast"].params["baseline_config"] == "base"
+    assert g["benchmark:fast"].params["baseline_precision"] == "fp32"
+    assert "baseline" not in g["benchmark:base"].inputs and "baseline_config" not in g["benchmark:base"].params
+    assert "baseline" not in g["evaluate:fast"].inputs
+    # a baseline later in the recipe, with its own artifact-making steps: its final artifact is the input
+    g = build_graph(Recipe.model_validate(RECIPE | {"baseline": "fast"}), tmp_path)
+    assert g["benchmark:base"].inputs["baseline"] == "compile:fast"
+    assert g["benchmark:base"].params["baseline_config"] == "fast"
+    assert "baseline" not in g["benchmark:fast"].inputs
+    assert g.names().index("compile:fast") < g.names().index("benchmark:base")

@@ -83,8 +83,13 @@ EDITS = [
      ["evaluate:student", "benchmark:student"]),
     ("benchmark-param", ("min_runs: 5", "min_runs: 6"), [n for n in ALL if n.startswith("benchmark:")]),
     ("gates-only", ("max_accuracy_drop: 1.0", "max_accuracy_drop: 2.0"), []),
-    ("config-added", ("configs:\n", "configs:\n  - {name: extra, model: sparse, precision: fp16}\n"),
+    ("config-added", ("  - {name: compiled, model: student, compile: default}\n",
+                      "  - {name: compiled, model: student, compile: default}\n"
+                      "  - {name: extra, model: sparse, precision: fp16}\n"),
      ["evaluate:extra", "benchmark:extra"]),
+    # added first, it becomes the baseline: every row's speedup is measured against it in its benchmark
+    ("baseline-changed", ("configs:\n", "configs:\n  - {name: extra, model: sparse, precision: fp16}\n"),
+     ["evaluate:extra", "benchmark:extra"] + [n for n in ALL if n.startswith("benchmark:")]),
 ]
 
 

@@ -25,13 +25,17 @@ class RowStep:
     (quantize, compile), a `measure=True` step reads the row's final artifact (evaluate, benchmark).
     `applies(recipe, config)` says whether the row runs this step, `params(recipe, config)` gives the
     stage's parameters (JSON), and `needs_data` wires the data stage in as the `data` input.
-    optforge.graph builds every row from these; the report labels such a stage by its kind alone."""
+    `compares` (a measure step): every row but the baseline's also gets the baseline row's final
+    artifact as its `baseline` input, and `baseline_config` / `baseline_precision` in its parameters
+    (the benchmark measures both in one run). optforge.graph builds every row from these; the report
+    labels such a stage by its kind alone."""
 
     order: int
     measure: bool
     applies: Callable[[Any, Any], bool]
     params: Callable[[Any, Any], dict]
     needs_data: bool = False
+    compares: bool = False
 
 
 @dataclass(frozen=True)

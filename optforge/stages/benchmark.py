@@ -1,6 +1,7 @@
-"""Benchmark stage: latency, throughput, memory and %-of-peak of one model artifact on this device.
+"""Benchmark stage: latency, throughput, memory and %-of-peak of one model artifact on this device, and
+its speedup over the baseline configuration measured in the same run.
 
-Scopes, timed separately at each batch size:
+Scopes, all measured interleaved at each batch size (optforge.paired):
   model         - tensors pre-tokenized and already on the device; only `runnable.forward` is timed;
   e2e           - raw strings -> `runnable.predict` -> labels/probabilities as Python objects
                   (tokenization, host<->device copies, softmax, Python glue included);
@@ -8,6 +9,14 @@ Scopes, timed separately at each batch size:
                   e2e without tokenization, so e2e - pretokenized is the tokenizer's share;
   e2e_pipelined - throughput of a stream of batches, `predict` one batch at a time vs
                   `predict_pipelined` (next batch tokenized while this one runs); see `_pipelined`.
+
+Paired measurement: every row but the baseline's gets the baseline row's final artifact as its `baseline`
+input and loads both in this process. Per batch size, `paired.measure_paired` runs short blocks of calls
+of every (side, scope) in rounds (scopes rotated, sides in ABBA order), so a drift or a neighbour hits
+both sides of a ratio alike; speedup = median(baseline calls) / median(row calls) per scope, with a
+bootstrap interval over rounds, measured until the interval is narrow enough (`ci_width`) or the batch
+size's time box (`max_seconds`, warm-up included) is spent. The baseline's own stage measures its scopes
+the same way with one side.
 
 Inputs are real eval sentences (so real lengths), one seeded sample per batch size, dynamically padded
 to the longest in the batch (or to `fixed_length`). Timing every run on the *same* batch keeps the
@@ -28,12 +37,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from optforge import bench, hardware
+from optforge import bench, hardware, paired
 from optforge.device import cpu_info, nvidia_driver
 from optforge.errors import KERNEL_ERRORS, DataError, StageFailure, one_line
 from optforge.recipe import BenchmarkParams
 from optforge.stages.base import RowStep, StageContext, StageKind
 
+METHOD = "paired-abba-bootstrap"
 
 
 def run(ctx: StageContext) -> dict:
@@ -48,14 +58,19 @@ def run(ctx: StageContext) -> dict:
         runnable = load_runnable(ctx.inputs["model"], ctx.device, params.precision, verify=False)
         sync()
         load_s = time.perf_counter() - t0
+        baseline = None
+        if "baseline" in ctx.inputs:  # every row but the baseline's: compared in this run
+            baseline = load_runnable(ctx.inputs["baseline"], ctx.device, params.baseline_precision or "fp32",
+                                     verify=False)
         return benchmark_runnable(runnable, texts, params, load_s=load_s,
                                   compute_precision=compute_precision(read_meta(ctx.inputs["model"]), params.precision),
-                                  log=ctx.log)
+                                  log=ctx.log, baseline=baseline)
 
 
-KIND = StageKind(kind="benchmark", version="3", params_model=BenchmarkParams, run=run, hardware_bound=True,
+KIND = StageKind(kind="benchmark", version="4", params_model=BenchmarkParams, run=run, hardware_bound=True,
                  row=RowStep(order=110, measure=True, applies=lambda recipe, c: True,
-                             params=lambda recipe, c: recipe.benchmark.model_dump(mode="json") | {"precision": c.precision}, needs_data=True))
+                             params=lambda recipe, c: recipe.benchmark.model_dump(mode="json") | {"precision": c.precision},
+                             needs_data=True, compares=True))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -170,6 +185,40 @@ def _proc_status_mb(key: str) -> Optional[float]:
     return None
 
 
+# --------------------------------------------------------------------------- tokenizer threads
+
+
+def tokenizer_threads(environ=None, cpus: Optional[int] = None) -> tuple[int, str]:
+    """(threads, why) the Rust tokenizers' `encode_batch` (the e2e scope's tokenizer) runs on in this
+    process. Its rayon pool is sized once, at its first use, from the environment: TOKENIZERS_PARALLELISM
+    false/0/off/no -> sequential; else RAYON_NUM_THREADS (> 0), else the deprecated RAYON_RS_NUM_CPUS
+    (> 0), else the CPUs the process may run on. Setting these in a process that has tokenized already
+    changes nothing; to pin the count, set RAYON_NUM_THREADS in the environment `optforge build` starts in.
+    `cpus` (tests): the CPU count to assume."""
+    env = os.environ if environ is None else environ
+    par = env.get("TOKENIZERS_PARALLELISM")
+    if par is not None and par.strip().lower() in ("", "off", "false", "f", "no", "n", "0"):
+        return 1, f"TOKENIZERS_PARALLELISM={par}: sequential"
+    for var in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):
+        try:
+            n = int(env.get(var, ""))
+        except ValueError:
+            continue
+        if n > 0:
+            return n, f"{var}={n}"
+        if var == "RAYON_NUM_THREADS" and n == 0:
+            break  # rayon: 0 means its default
+    n = cpus if cpus is not None else _available_cpus()
+    return n, "rayon's default: the CPUs this process may run on (RAYON_NUM_THREADS unset)"
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 # --------------------------------------------------------------------------- the harness
 
 
@@ -189,26 +238,63 @@ def _first_call(fn: Callable[[], object], what: str) -> float:
 
 
 def benchmark_runnable(runnable, texts: list[str], params: BenchmarkParams, *, load_s: float = 0.0,
-                       compute_precision: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+                       compute_precision: Optional[str] = None, log: Callable[[str], None] = print,
+                       baseline=None) -> dict:
     """Time `runnable` (the Runnable API of optforge.artifacts.runnable) on `texts` with `params.threads` (default:
-    all cores); returns the benchmark metrics of docs/ARCHITECTURE.md plus the extras documented in
+    all cores), interleaved with `baseline` (another Runnable: the baseline row's model) when given;
+    returns the benchmark metrics of docs/ARCHITECTURE.md plus the extras documented in
     docs/results-schema.md."""
     with _threads(params.threads):
-        return _benchmark(runnable, texts, params, load_s, compute_precision, log)
+        return _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline)
 
 
-def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
+def paired_seed(seed: int, batch_size: int) -> int:
+    """The bootstrap seed of one batch size's paired measurement, from the stage's `seed` (so a result
+    is reproducible from its cache key); `paired.measure_paired` mixes in the scope."""
+    return random.Random(f"paired:{seed}:{batch_size}").getrandbits(32)
+
+
+def _encode(runnable, sample: list[str], b: int, pad_to: Optional[int], who: str = ""):
+    try:
+        return runnable.encode(sample, pad_to=pad_to)
+    except KERNEL_ERRORS as e:
+        raise StageFailure(f"{who}encode at batch {b}: {one_line(e)}") from e
+
+
+def _predict_kw(runnable, params: BenchmarkParams) -> dict:
+    """`pad_to` for predict/predict_ids when the recipe fixes the length and the runnable takes it."""
+    return {"pad_to": params.fixed_length} if (params.fixed_length is not None
+                                               and "pad_to" in _arg_names(runnable.predict)) else {}
+
+
+def _scope_fns(runnable, sample: list[str], batch, kw: dict, params: BenchmarkParams) -> dict:
+    """scope -> (what it calls, fn) of one side at one batch size."""
+    fns = {"model": ("forward", lambda: runnable.forward(batch))}
+    if params.end_to_end:
+        fns["e2e"] = ("predict", lambda: runnable.predict(sample, **kw))
+        if hasattr(runnable, "predict_ids"):  # token ids in, predictions out: e2e minus tokenization
+            ids = runnable.tokenize(sample)
+            fns["pretokenized"] = ("predict_ids", lambda: runnable.predict_ids(ids, **kw))
+    return fns
+
+
+PAIRED_KEYS = ("speedup", "ci_low", "ci_high", "half_width", "conclusive", "blocks", "calls_row", "calls_base")
+RUN_KEYS = ("rounds", "stopped", "elapsed_s", "warmup_s", "too_slow", "block_calls")
+
+
+def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline) -> dict:
     import torch
 
     device = runnable.device
     sync = _sync_fn(device)
     dev = benchmark_device_info(device)
     threads = torch.get_num_threads()
+    tok_threads, tok_source = tokenizer_threads()
     cprec = compute_precision or params.precision
     pk = hardware.peak(dev, cprec, threads if dev["kind"] == "cpu" else None)
     peak_flops = pk["peak_flops"] if pk else None
     mem = _PeakMemory(device)
-    predict_pad = params.fixed_length is not None and "pad_to" in _arg_names(runnable.predict)
+    kw = _predict_kw(runnable, params)
 
     total, nonzero = runnable.param_count()
     batches: dict[str, dict] = {}
@@ -218,10 +304,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
     flops_per_sample: Optional[float] = None
     for b in params.batch_sizes:
         sample = sample_texts(texts, b, params.seed)
-        try:
-            batch = runnable.encode(sample, pad_to=params.fixed_length)
-        except KERNEL_ERRORS as e:
-            raise StageFailure(f"encode at batch {b}: {one_line(e)}") from e
+        batch = _encode(runnable, sample, b, params.fixed_length)
         seq_len = int(batch["input_ids"].shape[1])
         mask = batch.get("attention_mask")
         real_tokens = int(mask.sum().item()) if mask is not None else b * seq_len
@@ -230,45 +313,65 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
         if flops_per_sample is None and flops is not None:
             flops_per_sample = flops / b
 
+        # first calls (lazy init, compilation; a deterministic failure -> StageFailure), the row's first:
+        # its peak memory is read before the baseline runs
+        sides = {"row": _scope_fns(runnable, sample, batch, kw, params)}
         mem.reset()
-        model_fn = lambda: runnable.forward(batch)  # noqa: E731
-        t = _first_call(model_fn, f"forward at batch {b}")
-        first_call_s = t if first_call_s is None else first_call_s
-        warmup_s += t
-        model_stats, wu = _timed(model_fn, b, params, sync, flops, peak_flops)
-        warmup_s += wu
-
-        e2e_stats = pretok_stats = pipelined = None
-        if params.end_to_end:
-            kw = {"pad_to": params.fixed_length} if predict_pad else {}
-            e2e_fn = lambda: runnable.predict(sample, **kw)  # noqa: E731
-            warmup_s += _first_call(e2e_fn, f"predict at batch {b}")
-            e2e_stats, wu = _timed(e2e_fn, b, params, sync, flops, peak_flops)
-            warmup_s += wu
-            if hasattr(runnable, "predict_ids"):  # token ids in, predictions out: e2e minus tokenization
-                ids = runnable.tokenize(sample)
-                pretok_fn = lambda: runnable.predict_ids(ids, **kw)  # noqa: E731
-                pretok_stats, wu = _timed(pretok_fn, b, params, sync, flops, peak_flops)
-                warmup_s += wu
-            if hasattr(runnable, "predict_pipelined"):
-                pipelined = _pipelined(runnable, sample, kw, e2e_stats["p50"] / 1000.0, params.max_seconds)
+        for scope, (what, fn) in sides["row"].items():
+            t = _first_call(fn, f"{what} at batch {b}")
+            if first_call_s is None and scope == "model":
+                first_call_s = t
+            warmup_s += t
         above, tot = mem.peak()
         peak_above, peak_total = max(peak_above, above), max(peak_total, tot)
-        batches[str(b)] = {"model": model_stats, "e2e": e2e_stats, "pretokenized": pretok_stats,
-                           "e2e_pipelined": pipelined, "seq_len": seq_len,
-                           "real_tokens": real_tokens, "flops": flops, "peak_mem_mb": above}
-        log(f"  batch {b}: model p50 {model_stats['p50']:.3f} ms"
-            + (f", e2e p50 {e2e_stats['p50']:.3f} ms" if e2e_stats else "")
-            + (f", pre-tokenized p50 {pretok_stats['p50']:.3f} ms" if pretok_stats else "")
-            + (f", pipelined {pipelined['gain']:.2f}x the samples/s of one batch at a time"
-               if pipelined and pipelined.get("gain") else "")
-            + f" (seq {seq_len}, {model_stats['runs']} runs)")
+        if baseline is not None:
+            base_batch = _encode(baseline, sample, b, params.fixed_length, "baseline ")
+            sides["base"] = _scope_fns(baseline, sample, base_batch, _predict_kw(baseline, params), params)
+            for what, fn in sides["base"].values():
+                warmup_s += _first_call(fn, f"baseline {what} at batch {b}")
+
+        fns = {(side, scope): fn for side, scopes in sides.items() for scope, (_, fn) in scopes.items()}
+        # The collector runs before, not during, the measurement: garbage from one call would otherwise be
+        # billed to a random later one (and to either side of a ratio).
+        gc.collect()
+        gc.disable()
+        try:
+            res = paired.measure_paired(fns, warmup=params.warmup, max_seconds=params.max_seconds,
+                                        ci_width=params.ci_width, min_rounds=params.min_rounds,
+                                        confidence=params.confidence, seed=paired_seed(params.seed, b), sync=sync)
+        finally:
+            gc.enable()
+        warmup_s += res["warmup_s"]
+        stats = {side: {scope: _stats(res["times"].get(side, {}).get(scope), b, params, flops, peak_flops)
+                        for scope in paired.SCOPES} for side in sides}
+        row = stats["row"]
+
+        pipelined = None
+        if params.end_to_end and hasattr(runnable, "predict_pipelined"):
+            if row["e2e"] is None:
+                pipelined = {"skipped": f"no timed end-to-end call fitted max_seconds {params.max_seconds:g}"}
+            else:
+                pipelined = _pipelined(runnable, sample, kw, row["e2e"]["p50"] / 1000.0, params.max_seconds / 2)
+        entry = {"model": row["model"], "e2e": row["e2e"], "pretokenized": row["pretokenized"],
+                 "e2e_pipelined": pipelined, "seq_len": seq_len, "real_tokens": real_tokens, "flops": flops,
+                 "peak_mem_mb": above}
+        run_info = {k: res[k] for k in RUN_KEYS}
+        if baseline is not None:
+            entry["baseline"] = stats["base"]
+            entry["paired"] = {scope: {k: c.get(k) for k in PAIRED_KEYS} for scope, c in res["compare"].items()}
+            entry["paired_run"] = run_info | {k: res[k] for k in ("ci_width", "confidence", "min_rounds")}
+        else:
+            entry["run"] = run_info
+        batches[str(b)] = entry
+        log(_batch_line(b, entry, seq_len))
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
 
     return {
         "device": dev,
         "threads": threads,
+        "tokenizer_threads": tok_threads,
+        "tokenizer_threads_source": tok_source,
         "params": int(total),
         "nonzero_params": int(nonzero),
         "size_mb": runnable.size_bytes / 1e6,
@@ -286,37 +389,63 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log) -> dict:
         "peak_measured_flops": pk.get("measured_flops") if pk else None,
         "description": str(getattr(runnable, "description", "") or ""),
         "inputs": {"pool": len(texts), "seed": params.seed, "fixed_length": params.fixed_length,
-                   "e2e_padding": "fixed" if predict_pad else "dynamic"},
+                   "e2e_padding": "fixed" if kw else "dynamic"},
+        "method": METHOD,
+        "baseline": ({"config": params.baseline_config, "precision": params.baseline_precision}
+                     if baseline is not None else None),
         "batches": batches,
     }
 
 
-def _timed(fn, b: int, params: BenchmarkParams, sync, flops, peak_flops) -> tuple[dict, float]:
-    # The collector runs between timed calls, not inside them: garbage from a previous call would
-    # otherwise be billed to a random later one and inflate p99.
-    gc.collect()
-    gc.disable()
-    try:
-        times, warmup_s = bench.measure(fn, warmup=params.warmup, max_seconds=params.max_seconds, sync=sync)
-    finally:
-        gc.enable()
+def _stats(times: Optional[list[float]], b: int, params: BenchmarkParams, flops, peak_flops) -> Optional[dict]:
+    """STATS of one side and scope from its timed calls (None: none fitted in the time box)."""
+    if not times:
+        return None
     stats = bench.summarize(times, b, min_runs=params.min_runs)
     stats["pct_peak"] = bench.pct_of_peak(flops, stats["p50"] / 1000.0, peak_flops)
-    return stats, warmup_s
+    return stats
+
+
+def _interval(c: Optional[dict]) -> str:
+    if not c or c.get("speedup") is None:
+        return "n/a"
+    if c.get("ci_low") is None:
+        return f"{c['speedup']:.2f}x (no interval)"
+    return f"{c['speedup']:.2f}x ({c['ci_low']:.2f}-{c['ci_high']:.2f})"
+
+
+def _batch_line(b: int, entry: dict, seq_len: int) -> str:
+    """One log line per batch size: the row's p50s, and the speedup with its interval per scope."""
+    names = {"model": "model", "e2e": "e2e", "pretokenized": "pre-tokenized"}
+    p50s = [f"{names[s]} p50 {entry[s]['p50']:.3f} ms" for s in ("model", "e2e", "pretokenized") if entry[s]]
+    parts = [", ".join(p50s) or "no timed call"]
+    if "paired" in entry:
+        parts.append("speedup " + ", ".join(f"{names[s]} {_interval(c)}" for s, c in entry["paired"].items()))
+    pipe = entry["e2e_pipelined"]
+    if pipe and pipe.get("gain"):
+        parts.append(f"pipelined {pipe['gain']:.2f}x the samples/s of one batch at a time")
+    run = entry.get("paired_run") or entry["run"]
+    slow = ", too slow for the interval" if run["too_slow"] and "paired" in entry else ""
+    runs = entry["model"]["runs"] if entry["model"] else 0
+    return (f"  batch {b}: " + "; ".join(parts)
+            + f" (seq {seq_len}, {run['rounds']} rounds, stopped on {run['stopped']}{slow}, "
+              f"{run['elapsed_s']:.1f} s, {runs} model runs)")
 
 
 PIPELINE_BATCHES = (4, 32)  # fewest / most batches in one timed stream
 
 
-def _pipelined(runnable, sample: list[str], kw: dict, e2e_s: float, max_seconds: float) -> dict:
+def _pipelined(runnable, sample: list[str], kw: dict, e2e_s: float, budget_s: float) -> dict:
     """Throughput of a stream of batches end to end, one batch at a time (`predict` in a loop) and
     pipelined (`predict_pipelined`: tokenizing the next batch while this one runs). The stream is as
-    long as `max_seconds` allows (4..32 batches); each way is timed twice, alternating, and the faster
-    pass counts. A row slower than `max_seconds` per batch is not streamed ({"skipped": reason})."""
-    if e2e_s > max_seconds:
-        return {"skipped": f"one batch takes {e2e_s:.2f} s > max_seconds {max_seconds:g}"}
+    long as fits `budget_s` (the stage gives it half of `max_seconds`) with its passes (a 2-batch
+    warm-up, then each way timed twice, alternating; the faster pass counts): 4..32 batches. A row whose
+    batch takes more than a quarter of the budget is not streamed ({"skipped": reason}), so the stream
+    never costs more than 4.5 budgets."""
     lo, hi = PIPELINE_BATCHES
-    n = max(lo, min(hi, int(max_seconds / max(e2e_s, 1e-9))))
+    if e2e_s > budget_s / 4:
+        return {"skipped": f"one batch takes {e2e_s:.2f} s > a quarter of the stream's {budget_s:g} s"}
+    n = max(lo, min(hi, int((budget_s / max(e2e_s, 1e-9) - 2) / 4)))
     stream = [sample] * n
     list(runnable.predict_pipelined(stream[:2], **kw))  # the worker thread's first call warms up too
     best = {"sequential": float("inf"), "pipelined": float("inf")}

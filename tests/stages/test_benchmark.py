@@ -1,5 +1,6 @@
 """The benchmark harness on a tiny random-init model, on CPU. Checks shape and sanity of the numbers,
-never timing thresholds (the machine is shared)."""
+never timing thresholds (the machine is shared). The paired method itself (ABBA rounds, the bootstrap,
+the time box) is tested on synthetic timings in tests/test_paired.py."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class TinyRunnable:
         return 2.0 * layers * (4 * h * h + 2 * h * f + 2 * seq_len * h)
 
 
-PARAMS = dict(batch_sizes=[1, 4], warmup=1, min_runs=5, max_seconds=0.05, threads=1)
+PARAMS = dict(batch_sizes=[1, 4], warmup=1, min_runs=5, max_seconds=0.05, min_rounds=2, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_numbers_are_sane(metrics):
         for scope in ("model", "e2e"):
             s = entry[scope]
             assert 0 < s["p50"] <= s["p90"] <= s["p99"]
-            # the 0.05 s box decides how many runs; fewer than min_runs is flagged, not hidden
+            # the 0.05 s box (per batch size, all scopes) decides how many runs; fewer than min_runs is
+            # flagged, not hidden
             assert s["runs"] >= 1 and s["capped"] == (s["runs"] < 5) and s["std"] >= 0 and s["cv"] >= 0
             assert s["p25"] <= s["p50"] <= s["p75"] and s["spread"] == (s["p75"] - s["p25"]) / s["p50"]
             # throughput = batch / p50 (median call); throughput_mean = batch / mean
@@ -121,6 +123,10 @@ def test_numbers_are_sane(metrics):
             if s["pct_peak"] is not None:
                 assert 0 < s["pct_peak"] < 100
         assert entry["seq_len"] >= 2 and entry["flops"] > 0
+        # the baseline row's own stage: one side, its scopes interleaved, nothing to compare with
+        assert "paired" not in entry and "baseline" not in entry and entry["run"]["rounds"] >= 1
+    assert metrics["baseline"] is None and metrics["method"] == "paired-abba-bootstrap"
+    assert metrics["tokenizer_threads"] >= 1 and metrics["tokenizer_threads_source"]
 
 
 def test_fixed_length_pads_every_batch():
@@ -180,7 +186,7 @@ def test_stage_runs_a_real_artifact_through_load_runnable(tmp_path):
     (data / "eval.jsonl").write_text("".join(json.dumps({"text": s, "label": i % 2}) + "\n"
                                              for i, s in enumerate(SENTENCES)))
     before = torch.get_num_threads()
-    ctx = StageContext(name="benchmark:x", kind="benchmark", params=BenchmarkParams(**PARAMS),
+    ctx = StageContext(name="benchmark:x", kind="benchmark", params=BenchmarkParams(**PARAMS | {"max_seconds": 0.1}),
                        inputs={"model": art, "data": data}, input_metrics={}, out=tmp_path / "out",
                        device="cpu", log=lambda s: None)
     m = get_kind("benchmark").run(ctx)
@@ -206,5 +212,51 @@ def test_a_row_slower_than_the_time_box_is_not_streamed():
         def predict_pipelined(self, batches, **kw):
             raise AssertionError("must not stream")
 
-    out = benchmark._pipelined(Slow(), ["a"], {}, e2e_s=3.0, max_seconds=2.0)
-    assert out == {"skipped": "one batch takes 3.00 s > max_seconds 2"}
+    out = benchmark._pipelined(Slow(), ["a"], {}, e2e_s=3.0, budget_s=4.0)
+    assert out == {"skipped": "one batch takes 3.00 s > a quarter of the stream's 4 s"}
+
+
+def test_a_row_is_measured_interleaved_with_its_baseline():
+    """A row with a baseline: both models in one run, every scope of both sides; `paired` per scope with
+    the speedup inside its interval, the baseline's own STATS from the same run."""
+    tiny = TinyRunnable()
+    params = BenchmarkParams(**PARAMS | {"batch_sizes": [1], "max_seconds": 1.0, "ci_width": 0.9},
+                             baseline_config="base", baseline_precision="fp32")
+    lines = []
+    m = benchmark.benchmark_runnable(tiny, SENTENCES, params, log=lines.append, baseline=tiny)
+    assert m["baseline"] == {"config": "base", "precision": "fp32"} and m["method"] == "paired-abba-bootstrap"
+    entry = m["batches"]["1"]
+    run = entry["paired_run"]
+    assert run["rounds"] >= 2 and not run["too_slow"] and run["ci_width"] == 0.9 and run["confidence"] == 0.95
+    assert set(entry["paired"]) == {"model", "e2e"}  # TinyRunnable has no predict_ids
+    for scope, c in entry["paired"].items():
+        assert c["ci_low"] <= c["speedup"] <= c["ci_high"] and c["half_width"] >= 0, scope
+        assert c["blocks"] == run["rounds"] and c["calls_row"] >= c["blocks"] and c["calls_base"] >= c["blocks"]
+        assert entry["baseline"][scope]["runs"] == c["calls_base"] and entry[scope]["runs"] == c["calls_row"]
+    assert entry["baseline"]["pretokenized"] is None and entry["pretokenized"] is None
+    assert "speedup model " in lines[0] and "e2e " in lines[0]
+    json.dumps(m, allow_nan=False)
+
+
+def test_a_baseline_that_cannot_run_a_shape_fails_the_stage_with_one_line():
+    with pytest.raises(StageFailure) as err:
+        benchmark.benchmark_runnable(TinyRunnable(), SENTENCES, BenchmarkParams(**PARAMS), log=lambda s: None,
+                                     baseline=TinyRunnable(fail_at_batch=1))
+    assert str(err.value).startswith("baseline forward at batch 1: NotImplementedError")
+
+
+def test_tokenizer_threads_follow_rayons_environment():
+    tt = benchmark.tokenizer_threads
+    assert tt({}, cpus=8) == (8, "rayon's default: the CPUs this process may run on (RAYON_NUM_THREADS unset)")
+    assert tt({"RAYON_NUM_THREADS": "2", "RAYON_RS_NUM_CPUS": "3"}, cpus=8) == (2, "RAYON_NUM_THREADS=2")
+    assert tt({"RAYON_RS_NUM_CPUS": "3"}, cpus=8) == (3, "RAYON_RS_NUM_CPUS=3")
+    assert tt({"RAYON_NUM_THREADS": "0", "RAYON_RS_NUM_CPUS": "3"}, cpus=8)[0] == 8  # 0: rayon's default
+    assert tt({"RAYON_NUM_THREADS": "x"}, cpus=8)[0] == 8
+    assert tt({"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "4"}, cpus=8) == (
+        1, "TOKENIZERS_PARALLELISM=false: sequential")
+    assert tt({"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": "4"}, cpus=8)[0] == 4
+
+
+def test_the_bootstrap_seed_comes_from_the_params():
+    assert benchmark.paired_seed(0, 1) == benchmark.paired_seed(0, 1)
+    assert len({benchmark.paired_seed(s, b) for s in (0, 1) for b in (1, 32)}) == 4
