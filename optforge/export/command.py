@@ -177,7 +177,8 @@ def card_context(session, doc: dict, row: dict, fmt: str, entry: tuple[str, str]
     batches = sorted(row["latency_ms"], key=int)
     latency = [{"batch": b, "model_p50": row["latency_ms"][b]["p50"],
                 "e2e_p50": (row["e2e_latency_ms"].get(b) or {}).get("p50"),
-                "speedup": row["speedup"].get(b), "model_speedup": row["model_speedup"].get(b)} for b in batches]
+                "speedup": row["speedup"].get(b), "model_speedup": row["model_speedup"].get(b),
+                "ci": (row.get("speedup_ci") or {}).get(b)} for b in batches]
     cast = row_meta["precision"] != row_meta["saved_precision"]
     return {
         "recipe_name": session.name, "recipe_path": display, "recipe_hash": doc["recipe_hash"],
@@ -188,6 +189,7 @@ def card_context(session, doc: dict, row: dict, fmt: str, entry: tuple[str, str]
         "baseline": doc["baseline"], "is_baseline": row["is_baseline"],
         "accuracy": row["accuracy"], "accuracy_delta": row["accuracy_delta"], "eval_n": row["eval_n"],
         "verdict": row["verdict"], "speedup_scope": row["speedup_scope"], "latency": latency,
+        "speedup_method": row.get("speedup_method"),
         "measured_on": row["measured_on"], "threads": row.get("threads"), "size_mb": row.get("size_mb"),
         "versions": doc["versions"], "labels": list(meta.get("label_names") or []),
         "max_length": meta.get("max_length"),

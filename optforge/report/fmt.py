@@ -23,6 +23,15 @@ def times(x: Optional[float]) -> str:
     return NA if x is None else f"{x:.2f}x"
 
 
+def speedup(s: Optional[float], lo: Optional[float] = None, hi: Optional[float] = None, d: int = 2) -> str:
+    """A paired speedup with its interval: `5.98× (5.71–6.20)`; `5.98×` without one; n/a for None."""
+    if s is None:
+        return NA
+    if lo is None or hi is None:
+        return f"{s:.{d}f}×"
+    return f"{s:.{d}f}× ({lo:.{d}f}–{hi:.{d}f})"
+
+
 def pct(x: Optional[float]) -> str:
     """A percentage given in percent (12.3 -> "12.3%")."""
     if x is None:

@@ -177,9 +177,47 @@ def input_notes(doc: dict, ok: list[dict]) -> list[str]:
     if lens:
         how += " (" + ", ".join(f"batch {b}: {'/'.join(str(x) for x in sorted(v))} tokens"
                                 for b, v in sorted(lens.items(), key=lambda kv: int(kv[0]))) + ")"
-    return [f"Inputs: real eval sentences, one seeded sample per batch size, {how}. Latencies are per batch; "
-            f"p50/p99 over time-boxed runs after warm-up; speedup = baseline end-to-end p50 / this end-to-end "
-            f"p50."]
+    out = [f"Inputs: real eval sentences, one seeded sample per batch size, {how}. Latencies are per batch; "
+           f"p50/p99 over time-boxed runs after warm-up."]
+    tok = sorted({r["tokenizer_threads"] for r in ok if r.get("tokenizer_threads")})
+    if tok:
+        out[0] += (f" End to end, the Rust tokenizer ran on {'/'.join(str(t) for t in tok)} thread"
+                   f"{'s' if tok != [1] else ''} (its pool is sized once per process, from RAYON_NUM_THREADS "
+                   f"when set, else the CPU count: set it before `optforge build` to pin it).")
+    return out
+
+
+def speedup_notes(doc: dict, ok: list[dict]) -> list[str]:
+    """How the speedups were measured (paired, or the cross-stage fallback), and the rows whose
+    interval stayed too wide."""
+    bench = doc["benchmark"]
+    out = []
+    paired = [r for r in ok if r.get("speedup_method") == "paired"]
+    cross = [r for r in ok if r.get("speedup_method") == "cross-stage"]
+    if paired:
+        run = next(iter(paired[0]["paired_run"].values()), {})
+        conf, width = run.get("confidence") or bench.get("confidence"), run.get("ci_width") or bench.get("ci_width")
+        box = f" or `max_seconds` ({bench['max_seconds']:g} s per batch size) ran out" if bench.get("max_seconds") else \
+            " or the time box ran out"
+        out.append("Speedups are measured in each row's own benchmark stage together with the baseline's model, "
+                   "interleaved: rounds of short blocks of calls of every scope and both models (scopes rotated, "
+                   "the two models in ABBA order, so a drift or a neighbour hits both alike), until the interval "
+                   f"was within ±{width * 100:g}% at every scope{box}. Speedup = median of the baseline's calls "
+                   f"/ median of this row's; the {conf * 100:g}% interval is a percentile bootstrap over rounds, "
+                   "seeded from the stage's parameters. The baseline row's own latencies come from its own stage.")
+    if cross:
+        names = ", ".join(f"`{r['name']}`" for r in cross)
+        out.append(f"{names}: cross-stage speedups (marked †): these benchmark metrics predate the paired "
+                   "measurement, so the speedup is the baseline's p50 over this row's, each measured in its own "
+                   "stage minutes apart, with no interval; a neighbour or a clock change in between goes "
+                   "straight into the ratio. Rebuilding the benchmark stages gives same-run intervals.")
+    wide = [f"`{r['name']}` ({reason[len('inconclusive ('):-1]})"
+            for r in ok for reason in r.get("reasons") or [] if reason.startswith("inconclusive (")]
+    if wide:
+        out.append("Inconclusive: " + ", ".join(wide) + ": the speedup's interval stayed wider than the "
+                   "benchmark's `ci_width` (or too few rounds fitted) within `max_seconds`. A busy machine "
+                   "widens it; rerun on a quiet one or give the benchmark more time before trusting these rows.")
+    return out
 
 
 def failure_notes(doc: dict) -> list[str]:
@@ -196,6 +234,7 @@ def build_notes(doc: dict, prunes: dict) -> list[str]:
     ok = [r for r in doc["configs"] if r["status"] == "ok"]
     notes = []
     notes += input_notes(doc, ok)
+    notes += speedup_notes(doc, ok)
     notes += glue_notes(doc, ok)
     notes += bf16_cpu_notes(doc, ok)
     notes += sparsity_notes(doc, ok, prunes)

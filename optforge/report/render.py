@@ -82,6 +82,37 @@ def _pair(block: Optional[dict]) -> str:
     return f"{fmt.ms(block['p50'])} / {fmt.ms(block['p99'])}" if block else fmt.NA
 
 
+CROSS_STAGE = "†"  # marks a speedup that is a ratio of p50s from two separate stages (no interval)
+
+
+def _speed(r: dict, b: str, key: str) -> Optional[str]:
+    """One speedup cell: `5.98× (5.71–6.20)` (paired), `2.00x†` (cross-stage), None when unknown."""
+    sp = r[key].get(b)
+    if sp is None:
+        return None
+    if r.get("speedup_method") == "paired":
+        ci = (r.get(f"{key}_ci") or {}).get(b) or {}
+        return fmt.speedup(sp, ci.get("low"), ci.get("high"))
+    return fmt.times(sp) + (CROSS_STAGE if r.get("speedup_method") == "cross-stage" else "")
+
+
+def _run(r: dict, b: str) -> str:
+    """`12 rounds, width, 3.1 s` of a paired measurement (n/a without one)."""
+    run = (r.get("paired_run") or {}).get(b)
+    if not run:
+        return fmt.NA
+    slow = ", too slow" if run.get("too_slow") else ""
+    return f"{run['rounds']} rounds, {run['stopped']}{slow}, {_s(run.get('elapsed_s'))} s"
+
+
+def _best_speed(best: dict) -> str:
+    scope = "end-to-end" if best["speedup_scope"] == "e2e" else "model-only"
+    if best.get("speedup_method") == "paired":
+        parts = [f"{_speed(best, b, 'speedup')} at batch {b}" for b in sorted(best["speedup"], key=int)]
+        return f"{scope} speedup {', '.join(parts)}"
+    return f"{scope} speedup ≥ {fmt.times(best['speedup_min'])} at every batch size"
+
+
 def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
     batches = doc["benchmark"]["batch_sizes"]
     big = batches[-1]
@@ -89,14 +120,14 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
     for r in doc["configs"]:
         per_batch = []
         for b in batches:
-            sp, ms_ = r["speedup"].get(b), r["model_speedup"].get(b)
-            speed = fmt.NA if sp is None and ms_ is None else f"{fmt.times(sp)} / {fmt.times(ms_)}"
+            sp, ms_ = _speed(r, b, "speedup"), _speed(r, b, "model_speedup")
+            speed = fmt.NA if sp is None and ms_ is None else f"{sp or fmt.NA} / {ms_ or fmt.NA}"
             base_row = r["is_baseline"] and r["status"] == "ok"
             per_batch.append({"batch": b, "e2e": _pair(r["e2e_latency_ms"].get(b)),
                               "model": _pair(r["latency_ms"].get(b)),
                               "speedup": "baseline" if base_row else speed,
-                              "sp_e2e": "baseline" if base_row else fmt.times(sp),
-                              "sp_model": None if base_row or ms_ is None else fmt.times(ms_)})
+                              "sp_e2e": "baseline" if base_row else (sp or fmt.NA),
+                              "sp_model": None if base_row else ms_})
         thr = r["throughput"].get(big) or {}
         peak = r["pct_peak"].get(big) or {}
         rows.append({
@@ -119,6 +150,7 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
             if not m and not e:
                 continue
             thr, peak = r["throughput"].get(b, {}), r["pct_peak"].get(b, {})
+            base = (r.get("baseline_p50_ms") or {}).get(b) or {}
             detail.append({
                 "name": r["name"], "batch": b, "seq": r["seq_len"].get(b) or fmt.NA,
                 "e2e": [fmt.ms(e and e["p50"]), fmt.ms(e and e["p90"]), fmt.ms(e and e["p99"])],
@@ -129,6 +161,8 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
                 "pct_peak": fmt.pct(peak.get("model")),
                 "pretok": fmt.ms((r["pretokenized_ms"].get(b) or {}).get("p50")),
                 "pipelined": _pipelined(r["pipelined"].get(b)),
+                "baseline": f"{fmt.ms(base.get('e2e'))} / {fmt.ms(base.get('model'))}" if base else fmt.NA,
+                "run": _run(r, b),
             })
     resources = [{"name": r["name"], "size": fmt.size(r["size_mb"]), "params": fmt.params(r["params"], r["nonzero_params"]),
                   "mem": fmt.size(r["peak_mem_mb"]), "load": _s(r["load_s"]), "warmup": _s(r["warmup_s"]),
@@ -139,6 +173,7 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
     versions = doc["versions"]
     head = [f"{k} {versions[k]}" for k in HEADLINE_VERSIONS if k in versions]
     rest = [f"{k} {v}" for k, v in versions.items() if k not in HEADLINE_VERSIONS]
+    methods = {r.get("speedup_method") for r in doc["configs"]}
     return {
         "doc": doc,
         "batches": batches,
@@ -147,19 +182,42 @@ def build_view(doc: dict, notes: list[str], changes: Optional[dict]) -> dict:
         "detail": detail,
         "resources": resources,
         "notes": notes,
-        "best": best and {"name": best["name"], "speedup_min": fmt.times(best["speedup_min"]),
+        "best": best and {"name": best["name"], "speed": _best_speed(best),
                           "accuracy": fmt.acc(best["accuracy"]), "delta": fmt.points(best["accuracy_delta"]),
                           "what": _what(best)},
+        "speedup_hint": _speedup_hint(doc, "paired" in methods, "cross-stage" in methods),
         "versions_line": ", ".join(head + rest) or fmt.NA,
-        "gates_line": _gates_line(doc["gates"]),
+        "gates_line": _gates_line(doc["gates"], doc["benchmark"]),
         "changes": _changes_view(changes) if changes else None,
         "serving": serving_view(doc.get("serving")),
     }
 
 
-def _gates_line(gates: dict) -> str:
-    line = (f"accuracy drop ≤ {gates['max_accuracy_drop']:g} pts, end-to-end p50 speedup ≥ "
-            f"{gates['min_speedup']:g}x at every batch size, IQR ≤ {gates['max_spread'] * 100:g}% of the median")
+def _speedup_hint(doc: dict, paired: bool, cross: bool) -> str:
+    """What the speedup column means, for the methods the rows used."""
+    conf = doc["benchmark"].get("confidence")
+    parts = []
+    if paired or not cross:
+        parts.append("speedup = the baseline's median / this row's, both measured interleaved in this row's "
+                     "benchmark stage, with its " + (f"{conf * 100:g}% " if conf else "")
+                     + "confidence interval (end-to-end / model-only)")
+    if cross:
+        parts.append(f"{CROSS_STAGE} cross-stage: baseline p50 / this p50, each from its own stage (metrics from "
+                     "before the paired benchmark; no interval)")
+    return "; ".join(parts)
+
+
+def _gates_line(gates: dict, bench: Optional[dict] = None) -> str:
+    bench = bench or {}
+    line = f"accuracy drop ≤ {gates['max_accuracy_drop']:g} pts, "
+    if bench.get("ci_width") is not None:
+        line += (f"speedup ≥ {gates['min_speedup']:g}x at every batch size on the low end of its "
+                 f"{bench['confidence'] * 100:g}% interval, which must be within ±{bench['ci_width'] * 100:g}% "
+                 f"(end to end where both rows have it, else model)")
+    else:
+        line += f"end-to-end p50 speedup ≥ {gates['min_speedup']:g}x at every batch size"
+    if gates.get("max_spread") is not None:
+        line += f", IQR ≤ {gates['max_spread'] * 100:g}% of the median"
     if gates.get("max_cv") is not None:
         line += f", cv ≤ {gates['max_cv'] * 100:g}%"
     return line

@@ -32,18 +32,29 @@ def stage_label(name: str, config: str, graph=None) -> str:
     return kind if own else name
 
 
+def row_path(graph, config: str) -> list[str]:
+    """The stages that produce a config's row, in topological order: what its evaluate and benchmark
+    stages depend on, except through the benchmark's `baseline` input (the baseline row's model, read
+    to compare against: its failure is the baseline's, not this row's)."""
+    wanted = [f"evaluate:{config}", f"benchmark:{config}"]
+    if graph is None:
+        return wanted
+    path: set[str] = set()
+    for w in wanted:
+        node = graph.by_name.get(w)
+        if node is None:
+            continue
+        path.add(w)
+        for role, dep in node.inputs.items():
+            if role != "baseline":
+                path |= graph.upstream(dep)
+    return [n for n in graph.names() if n in path] or wanted
+
+
 def config_status(graph, results: dict, config: str) -> tuple[str, Optional[str]]:
     """("ok" | "failed" | "skipped" | "missing", reason) of the path that produces a config's row."""
     wanted = [f"evaluate:{config}", f"benchmark:{config}"]
-    if graph is not None:
-        path = set()
-        for w in wanted:
-            if w in graph.by_name:
-                path |= graph.upstream(w)
-        order = [n for n in graph.names() if n in path] or wanted
-    else:
-        order = wanted
-    for name in order:  # topological: the first failure is the cause, later ones are consequences
+    for name in row_path(graph, config):  # topological: the first failure is the cause, later ones are consequences
         st = _status(results, name)
         if st.get("status") == "failed":
             return "failed", f"{stage_label(name, config, graph)}: {one_line(st.get('reason'), limit=None) or 'failed'}"
@@ -52,9 +63,26 @@ def config_status(graph, results: dict, config: str) -> tuple[str, Optional[str]
         return "ok", None
     for w, s in states.items():
         if s.get("status") == "skipped":
-            return "skipped", one_line(s.get("reason"), limit=None) or f"{w} was skipped"
+            return "skipped", _baseline_not_built(graph, results, w) or one_line(s.get("reason"), limit=None) \
+                or f"{w} was skipped"
     missing = [w for w, s in states.items() if s.get("status") != "ok"]
     return "missing", f"not built: {', '.join(missing)}"
+
+
+def _baseline_not_built(graph, results: dict, stage: str) -> Optional[str]:
+    """Why `stage` (a benchmark) was skipped when its `baseline` input was not built: the row itself
+    is fine but has nothing to be compared with; None otherwise."""
+    node = graph.by_name.get(stage) if graph is not None else None
+    if node is None or "baseline" not in node.inputs:
+        return None
+    dep = node.inputs["baseline"]
+    if _status(results, dep).get("status") == "ok":
+        return None
+    upstream = graph.upstream(dep)
+    cause = next((n for n in graph.names() if n in upstream and _status(results, n).get("status") == "failed"), dep)
+    base = node.params.get("baseline_config") or "the baseline"
+    return (f"not benchmarked: the baseline `{base}` was not built ({cause} failed), so there is nothing to "
+            f"compare this row with")
 
 
 def describe_model(recipe, model: str) -> str:
@@ -124,6 +152,10 @@ def measured_row(name: str, status: str, reason: Optional[str], evaluate: dict, 
         "compute_precision": bmm.get("compute_precision"),
         "latency_ms": {}, "e2e_latency_ms": {}, "throughput": {}, "pct_peak": {}, "cv": {}, "spread": {},
         "seq_len": {}, "pretokenized_ms": {}, "pipelined": {},
+        # the paired benchmark (docs/results-schema.md): absent for the baseline row and older metrics
+        "compared_with": (bmm.get("baseline") or {}).get("config"),
+        "paired": {}, "paired_run": {}, "baseline_p50_ms": {},
+        "tokenizer_threads": bmm.get("tokenizer_threads"),
     }
     batches = sorted({str(b) for b in batch_sizes} | set(bmm.get("batches") or {}), key=int)
     for b in batches:
@@ -147,7 +179,25 @@ def measured_row(name: str, status: str, reason: Optional[str], evaluate: dict, 
             row["pipelined"][b] = {"throughput": _r(pipe["throughput"], 2), "gain": _r(pipe["gain"], 4),
                                    "sequential_throughput": _r(pipe["sequential_throughput"], 2),
                                    "batches": pipe["batches"]}
+        pairs, run, base = entry.get("paired"), entry.get("paired_run"), entry.get("baseline")
+        if pairs is not None and run is not None:
+            row["paired"][b] = {scope: paired_scope(c) for scope, c in pairs.items()}
+            row["paired_run"][b] = {"rounds": run.get("rounds"), "stopped": run.get("stopped"),
+                                    "too_slow": bool(run.get("too_slow")), "elapsed_s": _r(run.get("elapsed_s"), 3),
+                                    "ci_width": run.get("ci_width"), "confidence": run.get("confidence"),
+                                    "min_rounds": run.get("min_rounds")}
+        if base:
+            row["baseline_p50_ms"][b] = {scope: _r(base[scope]["p50"], 4) if base.get(scope) else None
+                                         for scope in ("model", "e2e", "pretokenized")}
     return row
+
+
+def paired_scope(c: dict) -> dict:
+    """One scope of a paired measurement as results.json carries it."""
+    return {"speedup": _r(c.get("speedup"), 4), "speedup_ci_low": _r(c.get("ci_low"), 4),
+            "speedup_ci_high": _r(c.get("ci_high"), 4), "half_width": _r(c.get("half_width"), 6),
+            "conclusive": bool(c.get("conclusive")), "blocks": c.get("blocks"),
+            "calls": {"row": c.get("calls_row"), "base": c.get("calls_base")}}
 
 
 def judged_rows(recipe, graph, results: dict) -> list[dict]:
@@ -213,7 +263,9 @@ def assemble(recipe, graph, results: dict, env: dict, recipe_path: Optional[str]
         "benchmark": {"batch_sizes": [str(b) for b in recipe.benchmark.batch_sizes],
                       "end_to_end": recipe.benchmark.end_to_end,
                       "fixed_length": recipe.benchmark.fixed_length,
-                      "threads": threads},
+                      "threads": threads,
+                      "max_seconds": recipe.benchmark.max_seconds, "ci_width": recipe.benchmark.ci_width,
+                      "confidence": recipe.benchmark.confidence, "min_rounds": recipe.benchmark.min_rounds},
         "configs": rows,
         "serving": serving_from_results(results),
     }

@@ -15,7 +15,8 @@ from optforge.errors import StageFailure
 from optforge.report import verdict
 from optforge.report.results import measured_row
 
-BEST_WHY = "the report's best ready configuration (highest minimum end-to-end speedup)"
+BEST_WHY = ("the report's best ready configuration (highest low end of its end-to-end speedup interval over "
+            "batch sizes)")
 
 
 class Choice(NamedTuple):

@@ -26,7 +26,7 @@ from optforge_testing import copy_built, shared_data_root
 from tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[2]
-GATES = GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5)  # max_spread 0.10; cv not gated
+GATES = GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5, max_spread=0.10)  # the optional IQR gate; cv not gated
 
 
 def ev(acc):
@@ -69,7 +69,7 @@ def test_an_unsteady_median_is_not_ready_but_outliers_alone_are_fine():
     m["benchmark:fast"] = bm(4, 16, cv=0.3, spread=0.02)  # a few outliers, a steady median
     assert choose_config("best", ["base", "fast", "ok"], m, "base", GATES)["config"] == "fast"
     assert choose_config("best", ["base", "fast", "ok"], m, "base",
-                         GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5, max_cv=0.2))["config"] == "ok"
+                         GatesSpec(max_accuracy_drop=1.0, min_speedup=1.5, max_spread=0.10, max_cv=0.2))["config"] == "ok"
 
 
 def test_no_ready_config_falls_back_to_the_fastest_within_the_accuracy_gate_and_says_why():
