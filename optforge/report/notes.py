@@ -203,7 +203,7 @@ def speedup_notes(doc: dict, ok: list[dict]) -> list[str]:
                    "interleaved: rounds of short blocks of calls of every scope and both models (scopes rotated, "
                    "the two models in ABBA order, so a drift or a neighbour hits both alike), until the interval "
                    f"was within ±{width * 100:g}% at every scope{box}. Speedup = median of the baseline's calls "
-                   f"/ median of this row's; the {conf * 100:g}% interval is a percentile bootstrap over rounds, "
+                   f"/ median of this row's; the {conf * 100:g}% interval is a bootstrap over rounds, "
                    "seeded from the stage's parameters. The baseline row's own latencies come from its own stage.")
     if cross:
         names = ", ".join(f"`{r['name']}`" for r in cross)

@@ -248,12 +248,6 @@ def benchmark_runnable(runnable, texts: list[str], params: BenchmarkParams, *, l
         return _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline)
 
 
-def paired_seed(seed: int, batch_size: int) -> int:
-    """The bootstrap seed of one batch size's paired measurement, from the stage's `seed` (so a result
-    is reproducible from its cache key); `paired.measure_paired` mixes in the scope."""
-    return random.Random(f"paired:{seed}:{batch_size}").getrandbits(32)
-
-
 def _encode(runnable, sample: list[str], b: int, pad_to: Optional[int], who: str = ""):
     try:
         return runnable.encode(sample, pad_to=pad_to)
@@ -278,7 +272,7 @@ def _scope_fns(runnable, sample: list[str], batch, kw: dict, params: BenchmarkPa
     return fns
 
 
-PAIRED_KEYS = ("speedup", "ci_low", "ci_high", "half_width", "conclusive", "blocks", "calls_row", "calls_base")
+PAIRED_KEYS = ("speedup", "ci_low", "ci_high", "half_width", "conclusive", "blocks", "calls_row", "calls_base", "seed")
 RUN_KEYS = ("rounds", "stopped", "elapsed_s", "warmup_s", "too_slow", "block_calls")
 
 
@@ -338,7 +332,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline
         try:
             res = paired.measure_paired(fns, warmup=params.warmup, max_seconds=params.max_seconds,
                                         ci_width=params.ci_width, min_rounds=params.min_rounds,
-                                        confidence=params.confidence, seed=paired_seed(params.seed, b), sync=sync)
+                                        confidence=params.confidence, seed=paired.mix_seed(params.seed, b), sync=sync)
         finally:
             gc.enable()
         warmup_s += res["warmup_s"]
@@ -359,7 +353,8 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline
         if baseline is not None:
             entry["baseline"] = stats["base"]
             entry["paired"] = {scope: {k: c.get(k) for k in PAIRED_KEYS} for scope, c in res["compare"].items()}
-            entry["paired_run"] = run_info | {k: res[k] for k in ("ci_width", "confidence", "min_rounds")}
+            entry["paired_run"] = run_info | {k: res[k] for k in ("ci_width", "confidence", "min_rounds")} | {
+                "interval": res.get("interval")}
         else:
             entry["run"] = run_info
         batches[str(b)] = entry

@@ -258,5 +258,9 @@ def test_tokenizer_threads_follow_rayons_environment():
 
 
 def test_the_bootstrap_seed_comes_from_the_params():
-    assert benchmark.paired_seed(0, 1) == benchmark.paired_seed(0, 1)
-    assert len({benchmark.paired_seed(s, b) for s in (0, 1) for b in (1, 32)}) == 4
+    """Each batch size's seed mixes the stage's `seed` and the batch size (`paired.mix_seed`), and each
+    scope's bootstrap mixes in the scope: the same key gives the same interval from the same calls."""
+    from optforge import paired
+
+    assert paired.mix_seed(0, 1) == paired.mix_seed(0, 1)
+    assert len({paired.mix_seed(s, b) for s in (0, 1) for b in (1, 32)}) == 4
