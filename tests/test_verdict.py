@@ -1,6 +1,6 @@
 """Verdicts on paired speedups (pure: hand-made benchmark metrics through `results.measured_row`, then
 `verdict.judge`): the gate on the interval's low end, slower only when its high end is below 1,
-inconclusive when it is too wide or the row too slow, the cross-stage fallback for older metrics, and
+inconclusive when it is too wide to tell (it contains the gate) or the row too slow, the cross-stage fallback for older metrics, and
 the ranking on the low end."""
 
 from __future__ import annotations
@@ -73,18 +73,24 @@ def test_slower_only_when_the_high_end_is_below_one():
     assert r["verdict"] == "slower than baseline (0.52× (0.50–0.54) at batch 32)"
     # a wide interval entirely below 1 is still slower, not inconclusive
     assert verdict(bench({"1": (0.6, 0.3, 0.9)}))["verdict"] == "slower than baseline (0.60× (0.30–0.90) at batch 1)"
-    # high end 1.0 or above: not "slower" (here: too wide to say)
-    assert verdict(bench({"1": (0.95, 0.85, 1.01)}))["verdict"].startswith("inconclusive")
+    # high end 1.0 or above: not "slower"; wholly below the gate: "speedup < G"
+    assert verdict(bench({"1": (0.95, 0.85, 1.01)}))["verdict"] == "speedup 0.95× (0.85–1.01) < 1.5× at batch 1"
     assert verdict(bench({"1": (0.99, 0.98, 0.9999)}))["verdict"] == \
         "slower than baseline (0.9900× (0.9800–0.9999) at batch 1)"  # decimals show it below 1
 
 
-def test_a_wide_interval_is_inconclusive_whatever_its_point_estimate():
-    r = verdict(bench({"1": (2.0, 1.8, 2.3), "32": (3.0, 2.9, 3.1)}))
-    assert r["verdict"] == "inconclusive (±15.0 % at batch 1)" and r["reasons"] == [r["verdict"]]
+def test_a_wide_interval_is_inconclusive_only_when_it_contains_the_gate():
+    r = verdict(bench({"1": (1.6, 1.35, 1.9), "32": (3.0, 2.9, 3.1)}))
+    assert r["verdict"] == "inconclusive (±18.8 % at batch 1)" and r["reasons"] == [r["verdict"]]
     # just over ci_width: enough decimals to differ from it
-    assert verdict(bench({"1": (2.0, 1.9, 2.1002)}))["verdict"] == "inconclusive (±5.01 % at batch 1)"
-    assert verdict(bench({"1": (2.0, 1.9, 2.1)}))["verdict"] == "ready"  # exactly ±5%
+    assert verdict(bench({"1": (1.5, 1.45, 1.5751)}))["verdict"] == "inconclusive (±5.01 % at batch 1)"
+    assert verdict(bench({"1": (1.52, 1.49, 1.55)}))["verdict"] == \
+        "speedup 1.52× (1.49–1.55) < 1.5× at batch 1"  # within ±5%: decided below the gate
+    # wider than ±5% but wholly above the gate: the gate holds, however wide (the width is in the report)
+    assert verdict(bench({"1": (2.0, 1.8, 2.3), "32": (3.2, 1.6, 4.6)}))["verdict"] == "ready"
+    # wider than ±5% and wholly between 1 and the gate: decided below it
+    assert verdict(bench({"1": (1.25, 1.05, 1.45)}))["verdict"] == \
+        "speedup 1.25× (1.05–1.45) < 1.5× at batch 1"
 
 
 def test_a_narrow_interval_that_straddles_the_gate():

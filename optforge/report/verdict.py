@@ -21,11 +21,13 @@ Verdict rules (a value exactly at a threshold passes; S (lo-hi) is a speedup and
                                      the interval's high end < 1 (and its low end < min_speedup) at some
                                      batch size (the slowest one named)
   inconclusive (±N % at batch b)     the interval's relative half-width is above the benchmark's
-                                     `ci_width` at some batch size (the widest named; not slower)
+                                     `ci_width` and the interval contains min_speedup, at some batch
+                                     size (the widest named; not slower): too wide to tell. An interval
+                                     wholly above the gate passes, one wholly below it fails, however wide
   inconclusive (too slow: r of m rounds within max_seconds at batch b)
                                      fewer than `min_rounds` rounds fitted in the time box: no interval
-  speedup S× (lo–hi) < G× at batch b the interval is narrow but its low end is below min_speedup (the
-                                     lowest low end named)
+  speedup S× (lo–hi) < G× at batch b the interval's low end is below min_speedup and it is narrow (or
+                                     wholly below the gate) (the lowest low end named)
   cross-stage fallback: slower than baseline (S at b) / speedup S < G at batch b, on the p50 ratio
   unstable timing (IQR X% of median > G% at batch b, scope)
                                      only when max_spread is set: the largest spread ((p75 - p25) / p50)
@@ -203,8 +205,9 @@ def _decimals(a: float, b: float, least: int = 2) -> int:
 
 def paired_speed_reasons(row: dict, min_speedup: float) -> list[str]:
     """The speed reason of a paired row (at most one): slower than baseline, else inconclusive, else
-    speedup below the gate; [] when the interval's low end clears `min_speedup` at every batch size
-    with a conclusive interval."""
+    speedup below the gate; [] when the interval's low end clears `min_speedup` at every batch size.
+    Width decides only what the interval cannot: one wider than ±ci_width that contains the gate is
+    inconclusive; one that lies wholly above the gate passes and one wholly below it fails, however wide."""
     scope = row["speedup_scope"]
     slower, wide, below = [], [], []
     for b in sorted(row["paired_run"], key=int):
@@ -214,13 +217,15 @@ def paired_speed_reasons(row: dict, min_speedup: float) -> list[str]:
         if run.get("too_slow") or s is None or lo is None or hi is None or hw is None:
             wide.append((float("inf"), b, run))
             continue
-        lo_r = rounded(lo, ROUND_CMP)
-        if rounded(hi, ROUND_CMP) < 1.0 and lo_r < min_speedup:
+        lo_r, hi_r = rounded(lo, ROUND_CMP), rounded(hi, ROUND_CMP)
+        if hi_r < 1.0 and lo_r < min_speedup:
             slower.append((s, b, c))
-        elif rounded(hw, ROUND_CMP) > run["ci_width"]:
-            wide.append((hw, b, run))
-        elif lo_r < min_speedup:
-            below.append((lo, b, c))
+        elif lo_r >= min_speedup:
+            continue  # the whole interval clears the gate: decided, however wide
+        elif rounded(hw, ROUND_CMP) > run["ci_width"] and hi_r >= min_speedup:
+            wide.append((hw, b, run))  # too wide to tell whether the gate holds
+        else:
+            below.append((lo, b, c))  # narrow, or wide but wholly below the gate
     if slower:
         s, b, c = min(slower, key=lambda x: (x[0], int(x[1])))
         d = _decimals(c["speedup_ci_high"], 1.0)
