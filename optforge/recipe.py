@@ -61,6 +61,15 @@ class DataSpec(Strict):
 # --------------------------------------------------------------------------- models
 
 
+def without_unset(model: BaseModel, dumped: dict, *fields: str) -> dict:
+    """`dumped` without those of `fields` that are None on `model`: fields added after recipes were keyed
+    leave the dump (and so every key and the recipe hash) unchanged while unset."""
+    for name in fields:
+        if getattr(model, name) is None:
+            dumped.pop(name, None)
+    return dumped
+
+
 class TrainSpec(Strict):
     """Fine-tuning hyper-parameters shared by teacher fine-tuning, distillation and prune recovery."""
 
@@ -71,6 +80,13 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.01, ge=0, lt=1)
     seed: Seed = 0
     freeze_embeddings: bool = True  # word-embedding table: 30k x H; its AdamW update dominates CPU steps
+    # Autocast of the training forward: unset = the device's default (bf16 on a CUDA GPU that has it,
+    # fp32 on CPU); "bf16" also on CPU (fp32 master weights and optimizer); "fp32" everywhere
+    precision: Optional[Literal["fp32", "bf16"]] = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return without_unset(self, handler(self), "precision")
 
 
 class RandomInitSpec(Strict):
@@ -148,11 +164,7 @@ class TeacherSpec(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # fields added after recipes were keyed leave the dump (and every key) unchanged while unset
-        out = handler(self)
-        if self.label_map is None:
-            out.pop("label_map", None)
-        return out
+        return without_unset(self, handler(self), "label_map")
 
 
 class FromTeacherSpec(Strict):

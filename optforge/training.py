@@ -133,7 +133,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     labels_t = torch.tensor(labels, dtype=torch.long)
 
     cuda = torch.device(device).type == "cuda"
-    use_bf16 = cuda and torch.cuda.is_bf16_supported()
+    use_bf16 = autocast_bf16(getattr(spec, "precision", None), cuda)
     # On CUDA nothing in the loop waits for the GPU: batches are copied from pinned memory without
     # blocking, labels and teacher logits live on the device, and the loss is read back every
     # LOSS_EVERY steps, so the host queues step n+1 while the GPU runs step n.
@@ -170,7 +170,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
                 index = torch.tensor(batch, dtype=torch.long)
                 index = (index.pin_memory() if cuda else index).to(device, non_blocking=True)
                 y = labels_t[index]
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     logits = model(input_ids, mask)
                 logits = logits.float()
                 if teacher_logits is None:
@@ -195,7 +195,17 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     tail = losses[-max(1, min(50, len(losses) // 10)):]
     return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
             "first_loss": losses[0], "steps": len(losses), "examples": seen,
-            "train_time_s": elapsed, "examples_per_s": seen / elapsed if elapsed > 0 else None}
+            "train_time_s": elapsed, "examples_per_s": seen / elapsed if elapsed > 0 else None,
+            "autocast": "bf16" if use_bf16 else "fp32"}
+
+
+def autocast_bf16(precision: Optional[str], cuda: bool) -> bool:
+    """Whether the training forward runs under bf16 autocast: `precision` "bf16" or "fp32" as the recipe
+    says; unset, bf16 on a CUDA GPU that supports it and fp32 on a CPU (the default every cached key
+    was trained with)."""
+    if precision is not None:
+        return precision == "bf16"
+    return cuda and torch.cuda.is_bf16_supported()
 
 
 def distill_from_teacher(student: nn.Module, tokenizer, teacher_dir, data, spec, device: str,
