@@ -143,6 +143,23 @@ def probe_cpu() -> dict:
     return {"kind": "cpu", "name": name, "isa": isa, "cores": os.cpu_count() or 1}
 
 
+# --------------------------------------------------------------------------- training precision
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def default_train_precision(device: str, isa: Optional[list[str]] = None) -> str:
+    """What a training stage (teacher fine-tune, distill, prune recovery) autocasts to when the recipe
+    leaves `precision` unset: "bf16" on a CUDA GPU and on a CPU with native bf16 math (AVX512_BF16 or
+    AMX: measured 1.5-1.9x faster training steps on a 2-core AMX Xeon, same dev accuracy; README "Training
+    precision"), else "fp32" (bf16 emulated on AVX2 is slower than fp32). `isa`: the CPU's flags
+    (default: this machine's, `probe_cpu`). The result enters the training stages' keys."""
+    if device == "cuda":
+        return "bf16"
+    flags = probe_cpu()["isa"] if isa is None else isa
+    return "bf16" if any(f in flags for f in BF16_CPU_FLAGS) else "fp32"
+
+
 # --------------------------------------------------------------------------- NVIDIA GPU
 
 

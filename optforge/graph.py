@@ -1,7 +1,7 @@
 """Recipe -> DAG of stage nodes. Pure: no torch, no file reads (paths are only resolved as strings).
 
 Stage names are what users type (`--force distill`, `--until evaluate:baseline`):
-  data, teacher, student, distill, prune:<name>, then per configuration <kind>:<config> for every stage
+  data, teacher, student, teacher_logits, distill, prune:<name>, then per configuration <kind>:<config> for every stage
   kind with a row step (optforge.stages.base.RowStep, in row order: quantize, compile, evaluate,
   benchmark), and serve_benchmark when the recipe asks for it. Every benchmark but the baseline row's
   also reads the baseline row's final artifact (input role `baseline`): speedups are measured in one run.
@@ -85,9 +85,15 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
     add(Node("teacher", "teacher", recipe.teacher.model_dump(mode="json"), {"data": "data"}))
     if recipe.student is not None:
         add(Node("student", "student", recipe.student.model_dump(mode="json"), {"teacher": "teacher"}))
+    # the teacher's logits over the train split: computed once, the soft targets of `distill` and of every
+    # prune's `recover` (in the first of their training precisions; all share the device default unless set)
+    soft = [s for s in [recipe.distill] + [p.recover for p in recipe.prune] if s is not None]
+    if soft:
+        add(Node("teacher_logits", "teacher_logits", {"precision": soft[0].precision or "fp32", "batch_size": 128},
+                 {"teacher": "teacher", "data": "data"}))
     if recipe.distill is not None:
         add(Node("distill", "distill", recipe.distill.model_dump(mode="json"),
-                 {"student": "student", "teacher": "teacher", "data": "data"}))
+                 {"student": "student", "logits": "teacher_logits", "data": "data"}))
     # prune entries may prune each other; recipe validation guarantees the chain is acyclic
     pending = list(recipe.prune)
     while pending:
@@ -97,7 +103,7 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
             params = p.model_dump(mode="json", exclude={"name", "model"})
             inputs = {"model": model_stage_name(recipe, p.model), "data": "data"}
             if p.recover is not None:
-                inputs["teacher"] = "teacher"
+                inputs["logits"] = "teacher_logits"
             add(Node(f"prune:{p.name}", "prune", params, inputs))
             pending.remove(p)
         if not ready:  # unreachable after recipe validation; kept so a bug cannot loop forever

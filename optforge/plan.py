@@ -105,6 +105,9 @@ def param_changes(stage: str, old: dict, new: dict) -> list[str]:
     return out
 
 
+UPSTREAM_SHOWN = 3  # a stage with many inputs (serve_benchmark reads every row) names this many, then "N more"
+
+
 def change_reasons(name: str, new: dict, old: Optional[dict], data_paths: Mapping[str, str] | None = None) -> list[str]:
     """Why a stage whose key moved is stale: what differs between its lock record and its new record."""
     if not old:
@@ -116,12 +119,19 @@ def change_reasons(name: str, new: dict, old: Optional[dict], data_paths: Mappin
         reasons.append(f"{new['kind']} code version {old.get('version')} -> {new['version']}")
     reasons += param_changes(name, old.get("params", {}), new["params"])
     old_in, old_src = old.get("inputs", {}), old.get("sources", {})
+    changed: list[str] = []  # upstream stages whose keys moved, each named once
     for role, key in new["inputs"].items():
         src = new["sources"].get(role, role)
-        if old_src.get(role, src) != src:
+        if role not in old_in:
+            reasons.append(f"new input {role} ({src})")
+        elif old_src.get(role, src) != src:
             reasons.append(f"input {role} now from {src} (was {old_src.get(role)})")
-        elif old_in.get(role) != key:
-            reasons.append(f"upstream {src} changed")
+        elif old_in.get(role) != key and src not in changed:
+            changed.append(src)
+    if changed:
+        more = len(changed) - UPSTREAM_SHOWN
+        names = ", ".join(changed[:UPSTREAM_SHOWN]) + (f" and {more} more" if more > 0 else "")
+        reasons.append(f"upstream {names} changed")
     for role in sorted(set(old_in) - set(new["inputs"])):
         reasons.append(f"input {role} removed")
     for role, digest in new["data"].items():

@@ -80,8 +80,9 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.01, ge=0, lt=1)
     seed: Seed = 0
     freeze_embeddings: bool = True  # word-embedding table: 30k x H; its AdamW update dominates CPU steps
-    # Autocast of the training forward: unset = the device's default (bf16 on a CUDA GPU that has it,
-    # fp32 on CPU); "bf16" also on CPU (fp32 master weights and optimizer); "fp32" everywhere
+    # Autocast of the training forward: "bf16" (fp32 master weights and optimizer) or "fp32". Unset = the
+    # build device's default (device.default_train_precision: bf16 on a CUDA GPU and on a CPU with
+    # AVX512_BF16/AMX, else fp32), resolved before keying (Recipe.with_train_precision): it enters the key
     precision: Optional[Literal["fp32", "bf16"]] = None
 
     @model_serializer(mode="wrap")
@@ -130,6 +131,10 @@ class TeacherSpec(Strict):
     # "auto" (absent): fine-tune a new head with the TrainSpec defaults; use a classifier as given.
     # null: never fine-tune (a new head then stays untrained: fine for timing, at chance for accuracy).
     finetune: Union[TrainSpec, Literal["auto"], None] = "auto"
+    # The training precision of `finetune: auto` (a new head fine-tuned with the TrainSpec defaults):
+    # filled with the device's default before keying (Recipe.with_train_precision); a recipe that wants
+    # another writes `finetune: {precision: ...}` instead
+    auto_precision: Optional[Literal["fp32", "bf16"]] = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -159,12 +164,12 @@ class TeacherSpec(Strict):
     def train_spec(self, classifier: bool) -> Optional[TrainSpec]:
         """The fine-tuning to run: "auto" means the defaults for a new head, none for a classifier."""
         if self.finetune == "auto":
-            return None if classifier else TrainSpec()
+            return None if classifier else TrainSpec(precision=self.auto_precision)
         return self.finetune
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return without_unset(self, handler(self), "label_map")
+        return without_unset(self, handler(self), "label_map", "auto_precision")
 
 
 class FromTeacherSpec(Strict):
@@ -337,8 +342,12 @@ class BenchmarkSpec(Strict):
     # "capped": true. It never lengthens the measurement (the time box and `min_rounds` decide that).
     min_runs: int = Field(20, ge=3, le=100000)
     # Time box of ONE batch size's paired measurement: every scope, the row and the baseline, warm-up
-    # included (optforge.paired.measure_paired). The pipelined stream gets about half of it more.
+    # included (optforge.paired.measure_paired). The pipelined stream comes on top (`stream_seconds`).
     max_seconds: float = Field(10.0, gt=0, le=600)
+    # Budget of the end-to-end pipelined stream (e2e_pipelined: throughput of `predict` one batch at a time
+    # vs tokenizing the next batch while this one runs) per batch size; unset = half of max_seconds; 0 = no
+    # stream. One pass each way is timed twice; it is not paired with the baseline.
+    stream_seconds: Optional[float] = Field(None, ge=0, le=600)
     # Relative half-width of the speedup's confidence interval that ends the measurement early, and at or
     # below which a speedup is conclusive (wider at the end of the box: the row is "inconclusive").
     ci_width: float = Field(0.05, gt=0, lt=1)
@@ -348,6 +357,14 @@ class BenchmarkSpec(Strict):
     min_rounds: int = Field(6, ge=2, le=1000)
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
     seed: Seed = 0
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return without_unset(self, handler(self), "stream_seconds")
+
+    @property
+    def stream_budget(self) -> float:
+        return self.max_seconds / 2 if self.stream_seconds is None else self.stream_seconds
 
     @field_validator("min_rounds")
     @classmethod
@@ -472,6 +489,24 @@ class Recipe(Strict):
         for device in DEVICES:
             self.for_device(device)  # merges and checks each device's view
         return self
+
+    def with_train_precision(self, precision: str) -> Recipe:
+        """This recipe with every training spec whose `precision` is unset (teacher `finetune`, `distill`,
+        each prune's `recover`) set to `precision`: the device's default, resolved before the graph is
+        keyed (`device.default_train_precision`), so the precision a model was trained in is in its key."""
+        def fill(spec):
+            if isinstance(spec, TrainSpec) and spec.precision is None:
+                return spec.model_copy(update={"precision": precision})
+            return spec
+
+        teacher = {"finetune": fill(self.teacher.finetune)}
+        if self.teacher.finetune == "auto" and self.teacher.auto_precision is None:
+            teacher["auto_precision"] = precision
+        update: dict = {"teacher": self.teacher.model_copy(update=teacher),
+                        "prune": [p.model_copy(update={"recover": fill(p.recover)}) for p in self.prune]}
+        if self.distill is not None:
+            update["distill"] = fill(self.distill)
+        return self.model_copy(update=update)
 
     def for_device(self, device: str) -> Recipe:
         """The recipe as a build on `device` sees it: only the rows that run there (their `devices`
@@ -731,6 +766,15 @@ class CompileParams(Strict):
         """A row's compile: the data's max length, and batches up to the largest benchmarked (at least 64)."""
         return {"mode": c.compile, "precision": c.precision, "max_length": recipe.data.max_length,
                 "max_batch": max(max(recipe.benchmark.batch_sizes), 64)}
+
+
+class TeacherLogitsParams(Strict):
+    """The teacher_logits stage: the teacher's logits over the train split, computed once for `distill`
+    and every prune `recover` (soft targets), under `precision` autocast (the distillation's training
+    precision), in length-sorted batches of `batch_size`."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    batch_size: int = Field(128, ge=1)
 
 
 class EvaluateParams(Strict):

@@ -408,14 +408,21 @@ class LoadedRecipe:
         line, col = locate(self.root, path, want)
         return RecipeError(message, path, self.display, line, col)
 
+    def view(self, device: str) -> Recipe:
+        """The recipe a build on `device` runs: `recipe.for_device(device)`, its unset training precisions
+        set to the device's default (`device.default_train_precision`)."""
+        from optforge.device import default_train_precision
+
+        return self.recipe.for_device(device).with_train_precision(default_train_precision(device))
+
     def graph(self, device: str, check_data: bool = True):
-        """The stage graph a build on `device` runs (from `recipe.for_device(device)`); with
-        `check_data`, its local data files must exist."""
+        """The stage graph a build on `device` runs (from `view(device)`); with `check_data`, its local
+        data files must exist."""
         from optforge.errors import OptforgeError
         from optforge.graph import build_graph
 
         try:
-            graph = build_graph(self.recipe.for_device(device), self.dir)
+            graph = build_graph(self.view(device), self.dir)
         except RecipeError as e:
             raise _relocate(e, self.root, self.display) from None
         except OptforgeError as e:  # a graph cycle the schema did not catch: still the recipe's fault

@@ -129,7 +129,7 @@ def open_session(recipe: Path | str, device: str = "auto", cache: Cache | None =
     if trust_remote_code is False and (notice := remote_code_notice(loaded)) is not None:
         raise notice
     return make_session(loaded.recipe.name, graph, cache or Cache(), device, lock_path(loaded.path, device),
-                        loaded.recipe.for_device(device), loaded.path)
+                        loaded.view(device), loaded.path)
 
 
 # --------------------------------------------------------------------------- results and reports

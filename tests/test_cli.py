@@ -57,7 +57,7 @@ def test_build_then_noop_never_imports_torch(cli, toy, optforge_env):
     assert first.returncode == 0, first.stderr
     assert "torch" not in mods.read_text().split()  # the engine itself never needs it
     second = cli("build", toy, modules_out=mods)
-    assert second.returncode == 0 and second.stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert second.returncode == 0 and second.stdout.splitlines()[-1] == "nothing to do: 21 stages fresh"
     assert "torch" not in mods.read_text().split()
     assert "\r" not in first.stderr and "it/s" not in first.stderr  # no progress bars without a TTY
 
@@ -85,7 +85,7 @@ def test_plan_json_is_one_object_naming_what_changed(cli, toy):
     assert stages["teacher"]["status"] == "fresh"
     human = cli("plan", toy)
     assert re.search(r"^stale  distill\s+~\S+\s+distill\.temperature 4\.0 -> 2\.0$", human.stdout, re.M)
-    assert human.stdout.splitlines()[-2] == "12 stale, 8 fresh"
+    assert human.stdout.splitlines()[-2] == "12 stale, 9 fresh"
     assert human.stdout.splitlines()[-1].endswith(" expected for 12 stale stages")  # tests/test_timings.py
 
 
@@ -97,7 +97,7 @@ def test_sigkill_mid_stage_then_rebuild_equals_a_clean_build(cli, toy, optforge_
     proc.wait()
 
     lock = read_lock(toy.with_suffix(".lock"))["stages"]
-    assert set(lock) == {"data", "teacher", "student"}  # progress kept, the killed stage not trusted
+    assert set(lock) == {"data", "teacher", "student", "teacher_logits"}  # progress kept, the killed stage not trusted
     assert any(Cache().tmp.iterdir())  # its half-written output: garbage, never read
     plan = {s["name"]: s for s in json.loads(cli("plan", toy, "--json").stdout)["stages"]}
     assert plan["student"]["status"] == "fresh" and plan["distill"]["reasons"] == ["new stage"]
@@ -105,7 +105,7 @@ def test_sigkill_mid_stage_then_rebuild_equals_a_clean_build(cli, toy, optforge_
     resumed = cli("build", toy)
     assert resumed.returncode == 0, resumed.stderr
     assert [ln.split()[1] for ln in resumed.stdout.splitlines() if ln.startswith("cached")] == \
-        ["data", "teacher", "student"]
+        ["data", "teacher", "student", "teacher_logits"]
     assert not any(Cache().tmp.iterdir())  # the dead build's tmp dir was swept
 
     clean = cli("build", toy, env={"OPTFORGE_CACHE": str(optforge_env.root / "clean-cache")})
@@ -124,7 +124,7 @@ def test_concurrent_builds_one_refuses_clearly(cli, toy, optforge_env):
     waited = cli("build", toy, "--wait")  # blocks until the first is done, then finds nothing to do
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
-    assert waited.returncode == 0 and waited.stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert waited.returncode == 0 and waited.stdout.splitlines()[-1] == "nothing to do: 21 stages fresh"
     assert len(entries(optforge_env.cache)) == len(set(Cache().keys()))  # every entry intact
 
 
@@ -151,7 +151,7 @@ def test_validate_checks_every_file_and_fails_if_any_did(toy):
     bad2.write_text(toy.read_text().replace("model: student}", "model: studnt}"))
     result = CliRunner().invoke(main, ["validate", *map(str, (bad1, toy, missing, bad2))])
     assert result.exit_code == 2
-    assert result.stdout.splitlines() == [f"ok: {toy} (toy: 20 stages on cpu, 20 on cuda)"]
+    assert result.stdout.splitlines() == [f"ok: {toy} (toy: 21 stages on cpu, 21 on cuda)"]
     assert [line.split(":")[0] for line in result.stderr.splitlines()] == [str(bad1), str(missing), str(bad2)]
 
 
@@ -178,14 +178,14 @@ def test_gc_and_clean(toy):
     toy.write_text(toy.read_text().replace("temperature: 4.0", "temperature: 2.0"))
     assert runner.invoke(main, ["build", str(toy), "--device", "cpu"]).exit_code == 0
     dry = runner.invoke(main, ["gc", "--dry-run"])
-    assert dry.exit_code == 0 and dry.stdout.splitlines()[-1] == "gc: 12 to remove, 20 kept"
+    assert dry.exit_code == 0 and dry.stdout.splitlines()[-1] == "gc: 12 to remove, 21 kept"
     assert len(list(Cache().keys())) == n + 12
-    assert runner.invoke(main, ["gc"]).stdout.splitlines()[-1] == "gc: 12 removed, 20 kept"
-    assert runner.invoke(main, ["build", str(toy)]).stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert runner.invoke(main, ["gc"]).stdout.splitlines()[-1] == "gc: 12 removed, 21 kept"
+    assert runner.invoke(main, ["build", str(toy)]).stdout.splitlines()[-1] == "nothing to do: 21 stages fresh"
 
     cleaned = runner.invoke(main, ["clean", str(toy)])
     assert cleaned.exit_code == 0 and not toy.with_suffix(".lock").exists()
-    assert runner.invoke(main, ["gc"]).stdout.splitlines()[-1] == "gc: 20 removed, 0 kept"
+    assert runner.invoke(main, ["gc"]).stdout.splitlines()[-1] == "gc: 21 removed, 0 kept"
     assert runner.invoke(main, ["clean", str(toy)]).stdout.startswith("clean: nothing recorded")
 
 

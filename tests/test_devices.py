@@ -151,7 +151,7 @@ def test_validate_and_dag_report_both_devices(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     # the toy's 20 stages; cpu: serving off; cuda: - the compiled row (3 stages) + gpu-bf16 (3) + serving
-    assert result.stdout == f"ok: {path} (toy: 20 stages on cpu, 21 on cuda)\n"
+    assert result.stdout == f"ok: {path} (toy: 21 stages on cpu, 22 on cuda)\n"
     dag = CliRunner().invoke(main, ["dag", str(path), "--device", "cuda"])
     assert dag.exit_code == 0 and '"evaluate:gpu-bf16"' in dag.stdout and "compile:compiled" not in dag.stdout
     assert "gpu-bf16" not in CliRunner().invoke(main, ["dag", str(path)]).stdout  # default: cpu

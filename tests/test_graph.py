@@ -53,10 +53,12 @@ RECIPE = {
 
 def test_build_graph_stage_names_and_wiring(tmp_path):
     g = build_graph(Recipe.model_validate(RECIPE), tmp_path)
-    assert g.names() == ["data", "teacher", "student", "distill", "prune:p1", "prune:p2",
+    assert g.names() == ["data", "teacher", "student", "teacher_logits", "distill", "prune:p1", "prune:p2",
                          "evaluate:base", "benchmark:base", "quantize:fast", "compile:fast",
                          "evaluate:fast", "benchmark:fast"]
     assert g["prune:p1"].inputs == {"model": "distill", "data": "data"}  # "student" means the distilled one
+    assert g["distill"].inputs == {"student": "student", "logits": "teacher_logits", "data": "data"}
+    assert g["teacher_logits"].inputs == {"teacher": "teacher", "data": "data"}
     assert g["prune:p2"].inputs["model"] == "prune:p1"
     assert g["benchmark:fast"].inputs["model"] == "compile:fast"
     assert g["data"].data_files["train"].endswith("sst2/train.tsv")

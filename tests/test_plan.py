@@ -250,3 +250,19 @@ def test_select_until():
     g = graph()
     assert select(g, None) == set(g.names())
     assert select(g, "distill") == {"data", "teacher", "distill"}
+
+
+def test_a_stage_with_many_changed_inputs_names_each_upstream_once_and_counts_the_rest():
+    from optforge.plan import UPSTREAM_SHOWN, change_reasons
+
+    names = [f"row{i}" for i in range(UPSTREAM_SHOWN + 2)]
+    old = {"kind": "k", "version": "1", "params": {}, "data": {},
+           "inputs": {"model": "a", **{f"in:{n}": "a" for n in names}, "gone": "a"},
+           "sources": {"model": "row0", **{f"in:{n}": n for n in names}, "gone": "x"}}
+    new = {"kind": "k", "version": "1", "params": {}, "data": {},
+           "inputs": {"model": "b", **{f"in:{n}": "b" for n in names}, "logits": "c"},
+           "sources": {"model": "row0", **{f"in:{n}": n for n in names}, "logits": "teacher_logits"}}
+    assert change_reasons("s", new, old) == [
+        "new input logits (teacher_logits)",
+        f"upstream {', '.join(names[:UPSTREAM_SHOWN])} and {len(names) - UPSTREAM_SHOWN} more changed",
+        "input gone removed"]

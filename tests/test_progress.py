@@ -188,7 +188,7 @@ def test_a_build_off_a_terminal_prints_progress_lines(tmp_path, monkeypatch, cap
              for line in teacher[:-1]]
     assert [(m[1], m[2]) for m in steps] == [("1", "33"), ("2", "67"), ("3", "100")], teacher
     assert re.fullmatch(r"  \[teacher\] steps: done: 3 steps in \S+(, \S+ steps/s)?", teacher[-1]), teacher
-    assert sum(": done: 3 steps in " in line for line in err) == len(result.ran) == 20  # one per stage
+    assert sum(": done: 3 steps in " in line for line in err) == len(result.ran) == 21  # one per stage
 
 
 def test_a_bad_interval_stops_the_build_before_it_starts(cli, optforge_env, fake_kinds):

@@ -15,7 +15,7 @@ from optforge.lockfile import read_lock
 from optforge.run import build, execute
 from optforge.session import make_session, open_session
 
-ALL = ["data", "teacher", "student", "distill", "prune:pruned", "prune:sparse",
+ALL = ["data", "teacher", "student", "teacher_logits", "distill", "prune:pruned", "prune:sparse",
        "evaluate:baseline", "benchmark:baseline", "evaluate:student", "benchmark:student",
        "evaluate:pruned", "benchmark:pruned", "evaluate:sparse", "benchmark:sparse",
        "quantize:pruned-dyn8", "evaluate:pruned-dyn8", "benchmark:pruned-dyn8",
@@ -57,13 +57,13 @@ def test_first_build_runs_everything_second_nothing(toy):
     first = run(toy)
     assert first.ran == ALL and first.exit_code == 0
     assert re.fullmatch(r"ran     data  \d+\.\ds", first.lines[0]), first.lines[0]
-    assert first.lines[-1] == f"build: 20 ran, 0 cached in {first.seconds:.1f}s"
+    assert first.lines[-1] == f"build: 21 ran, 0 cached in {first.seconds:.1f}s"
     lock = read_lock(toy.with_suffix(".lock"))
     assert lock["recipe"] == "toy" and list(lock["stages"]) == sorted(ALL)
     assert Cache().registered() == [str(toy.with_suffix(".lock"))]
     again = run(toy)
     assert again.ran == [] and again.cached == ALL
-    assert again.lines[-1] == "nothing to do: 20 stages fresh"
+    assert again.lines[-1] == "nothing to do: 21 stages fresh"
 
 
 EDITS = [
@@ -173,12 +173,12 @@ def test_stage_failure_is_recorded_not_retried_and_force_retries(toy, monkeypatc
     assert "failed  quantize:pruned-dyn8: quantize:pruned-dyn8 is unsupported here (fake)" in first.lines
     assert "skipped evaluate:pruned-dyn8 (upstream quantize:pruned-dyn8 failed)" in first.lines
     assert first.outcomes["benchmark:pruned-dyn8"]["status"] == "skipped"
-    assert first.lines[-1] == f"build: 17 ran, 0 cached, 1 failed, 2 skipped in {first.seconds:.1f}s"
+    assert first.lines[-1] == f"build: 18 ran, 0 cached, 1 failed, 2 skipped in {first.seconds:.1f}s"
 
     monkeypatch.delenv("FAKE_FAIL")
     again = run(toy)
     assert again.ran == [] and again.failed == ["quantize:pruned-dyn8"]  # a result, not retried
-    assert again.lines[-1] == "nothing to do: 17 stages fresh, 1 failed, 2 skipped"
+    assert again.lines[-1] == "nothing to do: 18 stages fresh, 1 failed, 2 skipped"
     forced = run(toy, force=["quantize:pruned-dyn8"])
     assert forced.ran == ["quantize:pruned-dyn8", "evaluate:pruned-dyn8", "benchmark:pruned-dyn8"]
 
@@ -204,7 +204,7 @@ def test_crash_stops_the_build_caches_nothing_and_is_explained(toy, monkeypatch,
     assert result.exit_code == 1 and result.crashed == ["student"]
     assert result.ran == ["data", "teacher"]
     assert "RuntimeError: fake bug in student" in capsys.readouterr().err  # the traceback
-    assert result.lines[-1] == (f"build stopped: student crashed; 2 ran, 0 cached, 1 failed, 17 not run in "
+    assert result.lines[-1] == (f"build stopped: student crashed; 2 ran, 0 cached, 1 failed, 18 not run in "
                                 f"{result.seconds:.1f}s (--keep-going builds what does not depend on it)")
     lock = read_lock(toy.with_suffix(".lock"))["stages"]
     assert set(lock) == {"data", "teacher", "student"} and lock["student"]["error"].startswith("RuntimeError")
@@ -224,15 +224,15 @@ def test_keep_going_builds_what_does_not_depend_on_the_crash(toy, monkeypatch):
 
 
 def test_until_and_force(toy):
-    assert run(toy, until="distill").ran == ["data", "teacher", "student", "distill"]
-    assert run(toy, force=["teacher"]).ran == ["teacher"] + ALL[4:]  # the rest was simply not built yet
+    assert run(toy, until="distill").ran == ["data", "teacher", "student", "teacher_logits", "distill"]
+    assert run(toy, force=["teacher"]).ran == ["teacher"] + ALL[5:]  # the rest was simply not built yet
     assert run(toy, force=["teacher"]).ran == ["teacher"]  # same inputs, same key: downstream stays fresh
 
 
 def test_dry_run_runs_nothing(toy):
     result = run(toy, dry_run=True)
     assert result.lines[0] == "would run data  (new stage)"
-    assert result.lines[-1] == "dry run: 20 would run, 0 fresh"
+    assert result.lines[-1] == "dry run: 21 would run, 0 fresh"
     assert not toy.with_suffix(".lock").exists()
 
 

@@ -139,21 +139,21 @@ def test_plan_shows_what_the_last_runs_here_took_and_a_total(cli, toy, optforge_
     assert re.search(r"^stale  teacher\s+~8m46s\s+new stage$", out, re.M), out
     assert re.search(r"^stale  distill\s+~1m02s \(last distill run\)  new stage$", out, re.M), out
     assert re.search(r"^stale  student\s+new stage$", out, re.M), out  # another machine's time: none
-    assert out.splitlines()[-2:] == ["20 stale, 0 fresh",
-                                     "~9m48s expected for 20 stale stages (18 never run here: no estimate)"]
+    assert out.splitlines()[-2:] == ["21 stale, 0 fresh",
+                                     "~9m48s expected for 21 stale stages (19 never run here: no estimate)"]
     data = json.loads(cli("plan", toy, "--device", "cpu", "--json").stdout)
     stages = {s["name"]: s for s in data["stages"]}
     assert (stages["teacher"]["expected_s"], stages["teacher"]["expected_from"]) == (526.25, "stage")
     assert (stages["distill"]["expected_s"], stages["distill"]["expected_from"]) == (62.0, "kind")
     assert (stages["student"]["expected_s"], stages["student"]["expected_from"]) == (None, None)
-    assert data["expected"] == {"seconds": 588.25, "stale": 20, "no_estimate": 18}
+    assert data["expected"] == {"seconds": 588.25, "stale": 21, "no_estimate": 19}
 
 
 def test_after_a_build_plan_expects_what_the_stages_took(cli, toy, optforge_env):
     assert cli("build", toy, "--device", "cpu").returncode == 0
     runs = load(optforge_env.cache)
     took = runs[this_machine(optforge_env.cache)]["toy"]
-    assert len(took) == 20 and all(run.kind == stage.split(":")[0] for stage, run in took.items())
+    assert len(took) == 21 and all(run.kind == stage.split(":")[0] for stage, run in took.items())
     toy.write_text(toy.read_text().replace("temperature: 4.0", "temperature: 2.0"))
     result = cli("plan", toy, "--device", "cpu")
     stale = [line for line in result.stdout.splitlines() if line.startswith("stale ")]
@@ -171,6 +171,6 @@ def test_a_corrupt_timings_file_plans_without_estimates(cli, toy, optforge_env):
     result = cli("plan", toy, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "~" not in result.stdout and result.stderr == ""
-    assert result.stdout.splitlines()[-1] == "no time estimate: none of the 20 stale stages has run on this machine"
+    assert result.stdout.splitlines()[-1] == "no time estimate: none of the 21 stale stages has run on this machine"
     assert cli("build", toy, "--device", "cpu").returncode == 0  # and a build writes it afresh
-    assert len(load(optforge_env.cache)[this_machine(optforge_env.cache)]["toy"]) == 20
+    assert len(load(optforge_env.cache)[this_machine(optforge_env.cache)]["toy"]) == 21

@@ -341,11 +341,11 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline
         row = stats["row"]
 
         pipelined = None
-        if params.end_to_end and hasattr(runnable, "predict_pipelined"):
+        if params.end_to_end and hasattr(runnable, "predict_pipelined") and params.stream_budget > 0:
             if row["e2e"] is None:
                 pipelined = {"skipped": f"no timed end-to-end call fitted max_seconds {params.max_seconds:g}"}
             else:
-                pipelined = _pipelined(runnable, sample, kw, row["e2e"]["p50"] / 1000.0, params.max_seconds / 2)
+                pipelined = _pipelined(runnable, sample, kw, row["e2e"]["p50"] / 1000.0, params.stream_budget)
         entry = {"model": row["model"], "e2e": row["e2e"], "pretokenized": row["pretokenized"],
                  "e2e_pipelined": pipelined, "seq_len": seq_len, "real_tokens": real_tokens, "flops": flops,
                  "peak_mem_mb": above}
@@ -433,7 +433,7 @@ PIPELINE_BATCHES = (4, 32)  # fewest / most batches in one timed stream
 def _pipelined(runnable, sample: list[str], kw: dict, e2e_s: float, budget_s: float) -> dict:
     """Throughput of a stream of batches end to end, one batch at a time (`predict` in a loop) and
     pipelined (`predict_pipelined`: tokenizing the next batch while this one runs). The stream is as
-    long as fits `budget_s` (the stage gives it half of `max_seconds`) with its passes (a 2-batch
+    long as fits `budget_s` (`stream_seconds`, default half of `max_seconds`) with its passes (a 2-batch
     warm-up, then each way timed twice, alternating; the faster pass counts): 4..32 batches. A row whose
     batch takes more than a quarter of the budget is not streamed ({"skipped": reason}), so the stream
     never costs more than 4.5 budgets."""

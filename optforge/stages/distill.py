@@ -1,13 +1,14 @@
 """distill: train the student on the teacher's softened logits plus the labels.
 
-The teacher is frozen and deterministic in eval mode, so its logits over the train split are computed
-once, up front (one inference pass instead of a teacher forward per step per epoch); then only the
-student trains, with loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE."""
+The teacher's logits over the train split come from the teacher_logits stage (one inference pass,
+shared with every prune recovery, instead of a teacher forward per step per epoch); only the student
+trains, with loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE."""
 
 from __future__ import annotations
 
 
 from optforge.recipe import DistillSpec
+from optforge.stages import teacher_logits
 from optforge.stages.base import StageContext, StageKind
 
 
@@ -19,10 +20,10 @@ def run(ctx: StageContext) -> dict:
     data = Splits(ctx.inputs["data"], ctx.input_metrics.get("data"))
     student, s_tok, s_meta = modeling.load_classifier(ctx.inputs["student"])
     training.configure_threads()
-    stats = training.distill_from_teacher(student, s_tok, ctx.inputs["teacher"], data, spec, ctx.device,
-                                          bar=ctx.bar, desc="distill")
-    ctx.log(f"distill: teacher logits {stats['teacher_logits_s']:.1f}s, {stats['steps']} steps, "
-            f"{stats['examples_per_s']:.1f} ex/s, final loss {stats['final_loss']:.4f}")
+    logits = teacher_logits.load(ctx.inputs["logits"], len(data.train_labels))
+    stats = training.distill(student, s_tok, logits, data, spec, ctx.device, bar=ctx.bar, desc="distill")
+    ctx.log(f"distill: {stats['steps']} steps, {stats['examples_per_s']:.1f} ex/s ({stats['autocast']}), "
+            f"final loss {stats['final_loss']:.4f}")
     eval_ids = tokens.tokenize(s_tok, data.eval_texts, data.max_length)
     metrics = dict(stats)
     metrics.update(training.evaluate_model(student, eval_ids, data.eval_labels, s_tok.pad_token_id or 0,
@@ -34,4 +35,4 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-KIND = StageKind(kind="distill", version="1", params_model=DistillSpec, run=run)
+KIND = StageKind(kind="distill", version="2", params_model=DistillSpec, run=run)

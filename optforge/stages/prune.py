@@ -119,7 +119,7 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-KIND = StageKind(kind="prune", version="1", params_model=PruneParams, run=run)
+KIND = StageKind(kind="prune", version="2", params_model=PruneParams, run=run)
 
 
 # --------------------------------------------------------------------------- counting
@@ -302,13 +302,14 @@ def shrink(model, plan: list[dict]) -> list[dict]:
 
 
 def recover(ctx: StageContext, model, tokenizer, data, spec) -> dict:
-    """Distill from the teacher into the pruned model (teacher logits computed once, as in `distill`).
+    """Distill from the teacher into the pruned model (the teacher_logits stage's logits, as `distill`).
     Unstructured masks are still attached here, so pruned weights stay zero while the rest trains."""
     from optforge import training
+    from optforge.stages import teacher_logits
 
-    if "teacher" not in ctx.inputs:
-        raise ValueError("prune with `recover` needs a teacher input (graph.build_graph wires it)")
-    stats = training.distill_from_teacher(model, tokenizer, ctx.inputs["teacher"], data, spec, ctx.device,
-                                          bar=ctx.bar, desc="prune recovery")
+    if "logits" not in ctx.inputs:
+        raise ValueError("prune with `recover` needs a logits input (graph.build_graph wires it)")
+    logits = teacher_logits.load(ctx.inputs["logits"], len(data.train_labels))
+    stats = training.distill(model, tokenizer, logits, data, spec, ctx.device, bar=ctx.bar, desc="prune recovery")
     model.eval()
     return {"recovery": stats}

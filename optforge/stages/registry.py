@@ -16,6 +16,7 @@ _KINDS: dict[str, str] = {
     "data": "optforge.stages.data:KIND",
     "teacher": "optforge.stages.teacher:KIND",
     "student": "optforge.stages.student:KIND",
+    "teacher_logits": "optforge.stages.teacher_logits:KIND",
     "distill": "optforge.stages.distill:KIND",
     "prune": "optforge.stages.prune:KIND",
     "quantize": "optforge.stages.quantize:KIND",

@@ -53,9 +53,12 @@ def test_distill_moves_the_student_towards_the_teacher(tiny_teacher, toy_data, r
                                      "intermediate_size": 64, "seed": 1}}, tmp_path / "student",
               {"teacher": teacher_dir})
     params = {"epochs": 4, "batch_size": 16, "lr": 3e-3, "temperature": 2.0, "alpha": 0.9,
-              "freeze_embeddings": False, "warmup": 0.1}
+              "freeze_embeddings": False, "warmup": 0.1, "precision": "fp32"}
+    run_stage("teacher_logits", {"precision": "fp32"}, tmp_path / "logits", {"teacher": teacher_dir, "data": data_dir},
+              {"data": data_metrics})
     m = run_stage("distill", params, tmp_path / "distill",
-                  {"student": tmp_path / "student", "teacher": teacher_dir, "data": data_dir}, {"data": data_metrics})
+                  {"student": tmp_path / "student", "logits": tmp_path / "logits", "data": data_dir},
+                  {"data": data_metrics})
     assert m["steps"] == 4 * 16 and m["final_loss"] < 0.5 * m["first_loss"]
     assert m["accuracy"] >= 0.9 and m["n"] == 64
 
@@ -68,8 +71,10 @@ def test_distill_moves_the_student_towards_the_teacher(tiny_teacher, toy_data, r
     assert len(after.encoder.encoder.layer) == 1
 
 
-def test_distill_runs_the_teacher_once(tiny_teacher, toy_data, run_stage, tmp_path, monkeypatch):
-    """Teacher logits are precomputed in one pass over the train set, never per step."""
+def test_the_teacher_runs_once_in_its_own_stage_and_never_in_distill(tiny_teacher, toy_data, run_stage, tmp_path,
+                                                                      monkeypatch):
+    """Teacher logits are computed in one pass over the train set by the teacher_logits stage (which
+    distill and every prune recovery read), never per step."""
     from optforge.modeling import TextClassifier
 
     data_dir, data_metrics = toy_data
@@ -82,11 +87,36 @@ def test_distill_runs_the_teacher_once(tiny_teacher, toy_data, run_stage, tmp_pa
         return original(self, input_ids, attention_mask)
 
     monkeypatch.setattr(TextClassifier, "forward", counting)
+    lm = run_stage("teacher_logits", {"precision": "fp32"}, tmp_path / "logits",
+                   {"teacher": tiny_teacher[0], "data": data_dir}, {"data": data_metrics})
+    assert calls == {"teacher": math.ceil(256 / 128), "student": 0}  # one inference pass in batches of 128
+    assert lm["examples"] == 256 and lm["num_labels"] == 2 and lm["autocast"] == "fp32"
     m = run_stage("distill", {"epochs": 2, "batch_size": 32}, tmp_path / "distill",
-                  {"student": tmp_path / "student", "teacher": tiny_teacher[0], "data": data_dir},
+                  {"student": tmp_path / "student", "logits": tmp_path / "logits", "data": data_dir},
                   {"data": data_metrics})
-    assert calls["teacher"] == math.ceil(256 / 128)  # one inference pass in batches of 128
+    assert calls["teacher"] == math.ceil(256 / 128)  # distill ran no teacher forward
     assert calls["student"] == m["steps"] + math.ceil(64 / 64)  # training steps + one eval pass
+
+
+def test_bf16_teacher_logits_agree_with_fp32(tiny_teacher, toy_data, run_stage, tmp_path):
+    """The logits pass under bf16 autocast (the default on a CPU with AVX512_BF16/AMX) gives the soft targets
+    of the fp32 pass within bf16 rounding: the same argmax, and the same softened distribution to 0.02."""
+    from optforge.stages import teacher_logits
+
+    data_dir, data_metrics = toy_data
+    out = {}
+    for precision in ("fp32", "bf16"):
+        run_stage("teacher_logits", {"precision": precision}, tmp_path / precision,
+                  {"teacher": tiny_teacher[0], "data": data_dir}, {"data": data_metrics})
+        out[precision] = teacher_logits.load(tmp_path / precision, 256)
+    assert out["bf16"].dtype == torch.float32 and out["bf16"].shape == (256, 2)
+    assert not torch.equal(out["bf16"], out["fp32"])  # the bf16 pass really ran in bf16
+    p32, p16 = torch.softmax(out["fp32"] / 2, -1), torch.softmax(out["bf16"] / 2, -1)
+    assert (p32 - p16).abs().max() < 0.02
+    confident = (p32.max(-1).values > 0.55)
+    assert torch.equal(out["fp32"].argmax(-1)[confident], out["bf16"].argmax(-1)[confident])
+    with pytest.raises(ValueError, match="do not match the 255 train examples"):
+        teacher_logits.load(tmp_path / "fp32", 255)
 
 
 def test_distill_reports_each_of_its_loops(tiny_teacher, toy_data, run_stage, tmp_path):
@@ -100,16 +130,21 @@ def test_distill_reports_each_of_its_loops(tiny_teacher, toy_data, run_stage, tm
     data_dir, data_metrics = toy_data
     run_stage("student", {"from_teacher": {"layers": [0]}}, tmp_path / "student", {"teacher": tiny_teacher[0]})
     out = io.StringIO()
+    run_stage("teacher_logits", {"precision": "fp32"}, tmp_path / "logits", {"teacher": tiny_teacher[0], "data": data_dir},
+              {"data": data_metrics},
+              progress=stage_progress("teacher_logits", file=out, interval=0, clock=lambda: 0.0))
+    assert out.getvalue().splitlines() == [
+        "  [teacher_logits] teacher logits: example 128/256 (50%), elapsed 0.0s",
+        "  [teacher_logits] teacher logits: example 256/256 (100%), elapsed 0.0s",
+        "  [teacher_logits] teacher logits: done: 256 examples in 0.0s"]
+    out = io.StringIO()
     m = run_stage("distill", {"epochs": 1, "batch_size": 16}, tmp_path / "distill",
-                  {"student": tmp_path / "student", "teacher": tiny_teacher[0], "data": data_dir},
+                  {"student": tmp_path / "student", "logits": tmp_path / "logits", "data": data_dir},
                   {"data": data_metrics}, progress=stage_progress("distill", file=out, interval=0, clock=lambda: 0.0))
     lines = out.getvalue().splitlines()
-    assert lines[:3] == ["  [distill] distill: teacher logits: example 128/256 (50%), elapsed 0.0s",
-                         "  [distill] distill: teacher logits: example 256/256 (100%), elapsed 0.0s",
-                         "  [distill] distill: teacher logits: done: 256 examples in 0.0s"]
     steps = [re.fullmatch(r"  \[distill\] distill: step (\d+)/16 \(\d+%\), [\d.]+ ex/s, loss \d+\.\d{4}, "
-                          r"elapsed 0\.0s", line) for line in lines[3:19]]
+                          r"elapsed 0\.0s", line) for line in lines[0:16]]
     assert [int(s[1]) for s in steps] == list(range(1, 17)) == list(range(1, m["steps"] + 1)), lines
-    assert re.fullmatch(r"  \[distill\] distill: done: 16 steps in 0\.0s, [\d.]+ ex/s, loss \d+\.\d{4}", lines[19])
-    assert lines[20:] == ["  [distill] evaluate: example 64/64 (100%), elapsed 0.0s",
+    assert re.fullmatch(r"  \[distill\] distill: done: 16 steps in 0\.0s, [\d.]+ ex/s, loss \d+\.\d{4}", lines[16])
+    assert lines[17:] == ["  [distill] evaluate: example 64/64 (100%), elapsed 0.0s",
                           "  [distill] evaluate: done: 64 examples in 0.0s"]

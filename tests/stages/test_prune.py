@@ -57,12 +57,16 @@ def test_unstructured_pruning_removes_masks_and_hooks():
         assert isinstance(m.weight, torch.nn.Parameter)
 
 
-def test_recovery_keeps_pruned_weights_at_zero(run_stage, tmp_path, tiny_model, toy_data):
+def test_recovery_keeps_pruned_weights_at_zero(run_stage, tmp_path, tmp_path_factory, tiny_model, toy_data):
     data_dir, data_metrics = toy_data
+    logits = tmp_path_factory.mktemp("logits")
     amount = 0.5
+    run_stage("teacher_logits", {"precision": "fp32"}, logits, {"teacher": tiny_model, "data": data_dir},
+              {"data": data_metrics})
     metrics = run_stage("prune", {"method": "unstructured", "amount": amount,
                                   "recover": {"epochs": 0.25, "batch_size": 16, "lr": 1e-3}}, tmp_path,
-                        {"model": tiny_model, "data": data_dir, "teacher": tiny_model}, {"data": data_metrics})
+                        {"model": tiny_model, "data": data_dir, "logits": logits},
+                        {"data": data_metrics})
     assert metrics["recovery"]["steps"] > 0 and "accuracy_after_recovery" in metrics
     model, _, _ = modeling.load_classifier(tmp_path)
     original, _, _ = modeling.load_classifier(tiny_model)
