@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -24,9 +23,8 @@ import object_store
 from optforge.cache import verify_entry
 from optforge.cli import main
 from optforge.lockfile import read_lock
-from optforge.remote import Remote, remote_manifest
-from optforge_testing import TESTS, copy_built, run_cli, shared_data_root
-from test_remote import machine
+from optforge_testing import copy_built, run_cli, shared_data_root
+from test_remote import machine, race_publishers
 
 
 @pytest.fixture(scope="module")
@@ -139,30 +137,12 @@ def test_a_killed_push_leaves_nothing_that_b_trusts(store, remote_url, toys):
 
 
 def test_concurrent_publishers_of_one_key(store, remote_url, toys):
-    """Four writers with other metrics for the same key, released at once: S3's conditional PUT lets one
-    manifest in; the rest find it present. Then two whole `optforge push` processes race: every key is
-    published once."""
+    """Four writers with other metrics for the same key, released at once: one manifest gets in, the rest
+    find it present. Then two whole `optforge push` processes race: every key is published once."""
     root, fake_kinds = toys
     a = machine(root, "a", fake_kinds)
     a.build()
-    key = read_lock(a.lock)["stages"]["teacher"]["key"]
-    base = remote_manifest(a.cache.manifest(key), None)
-    start, outcomes = threading.Barrier(4), {}
-
-    def publish(i):
-        remote = Remote(remote_url)
-        remote.fs  # noqa: B018 -- connect before the barrier, so the writes are what race
-        start.wait()
-        outcomes[i] = remote.publish(a.cache.entry_dir(key), base | {"metrics": {"writer": i}})
-
-    threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [i for i, outcome in outcomes.items() if outcome == "published"]
-    assert len(winners) == 1 and list(outcomes.values()).count("present") == 3, outcomes
-    assert published(store, remote_url)[key]["metrics"] == {"writer": winners[0]}
+    race_publishers(remote_url, a, 4)  # S3's conditional PUT (If-None-Match: *) lets one in
 
     url = f"{remote_url}-race"
     env = dict(os.environ, OPTFORGE_CACHE=str(a.cache.root), OPTFORGE_DATA_ROOT=str(shared_data_root()))
