@@ -4,7 +4,8 @@ fsspec filesystem (`s3://`, `gs://`, `file://`, `ssh://`). Layout under the remo
     blobs/<sha[:2]>/<sha256>        a file's bytes, named by their sha256 (shared by every entry that has them)
     entries/<key[:2]>/<key>.json    an entry's manifest: kind, status, reason, metrics, device, and
                                     files: {relative path: {size, sha256}}
-    tmp/<host>-<pid>-<random>       staging, only on stores whose writes are not atomic (file://, ssh://)
+    tmp/<host>-<pid>-<random>       staging, only on stores whose writes are not atomic (file://, ssh://);
+                                    what a killed writer leaves here is garbage, safe to delete
 
 Trust rule, the local cache's carried over: an entry exists only through its manifest, which is
 published after every blob it names, and put-if-absent (S3 `If-None-Match: *`, a hard link on a local
@@ -112,17 +113,16 @@ def scrub(text: str) -> str:
 
 
 class Remote:
-    """One remote cache. `fs`: an fsspec filesystem to use instead of opening `url` (tests); otherwise the
-    URL is opened on first use. Transport failures raise RemoteError (one line); a missing entry is None;
-    a damaged one is a problem string, never an exception."""
+    """One remote cache, its URL opened through fsspec on first use. Transport failures raise RemoteError
+    (one line); a missing entry is None; a damaged one is a problem string, never an exception."""
 
-    def __init__(self, url: str, fs=None, root: Optional[str] = None):
+    def __init__(self, url: str):
         try:
             self.url = check_remote(url)
         except ValueError as e:
             raise RemoteError(f"remote cache: {e}") from None
         self.protocol = self.url.split("://", 1)[0]
-        self._fs, self._root = fs, root
+        self._fs, self._root = None, ""
         self.damaged_blobs: set[str] = set()  # sha256s whose remote bytes failed verification here
         self.damaged_entries: set[str] = set()  # keys whose remote entry failed verification here
 
@@ -142,9 +142,7 @@ class Remote:
                 import fsspec
 
                 self._fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True)
-                self._root = self._root if self._root is not None else root.rstrip("/")
-        if self._root is None:
-            self._root = self._fs._strip_protocol(self.url).rstrip("/")
+                self._root = root.rstrip("/")
         return self._fs
 
     @property
@@ -258,7 +256,7 @@ class Remote:
                 if replace:
                     self.fs.mv(tmp, path)
                     return True
-                if type(self.fs).__name__ == "LocalFileSystem":
+                if self.protocol in ("file", "local"):
                     try:
                         self.fs.link(tmp, path)
                         return True

@@ -220,6 +220,20 @@ def test_a_no_op_build_never_contacts_the_remote_nor_imports_fsspec(cli, optforg
     assert not {"fsspec", "s3fs", "botocore"} & set(mods.read_text().split())
 
 
+def test_a_failed_upload_is_a_warning_and_exit_status_2(machines):
+    """The remote answers (its entries can be read) but cannot take blobs: every stage still runs and is
+    sealed here; each upload failure is a warning line, and the build exits 2."""
+    machines.root.mkdir()
+    (machines.root / "blobs").write_text("not a directory")
+    result = machines.a.build(remote=machines.remote, push=True, until="teacher")
+    assert result.ran == ["data", "teacher"] and result.push_failed == ["data", "teacher"]
+    assert result.exit_code == 2 and not result.pushed
+    assert len(result.logs) == 2 and result.logs[0].startswith(f"warning: data was not pushed: remote cache "
+                                                               f"{machines.remote}: uploading to ")
+    assert result.summary.startswith("build: 2 ran, 0 cached, 2 not pushed (see the warnings) in ")
+    assert machines.a.build(until="teacher").summary == "nothing to do: 2 stages fresh"
+
+
 def test_hardware_bound_entries_never_cross_devices(machines):
     from optforge.device import _boot_id, probe_cpu
 
