@@ -161,13 +161,16 @@ class Remote:
 
     @contextlib.contextmanager
     def _errors(self, what: str):
-        """Any backend failure but a missing file -> one RemoteError line naming the remote and the fix."""
+        """Any backend failure -> one RemoteError line naming the remote and the fix. (A read that expects
+        to find nothing catches FileNotFoundError inside the block; here it means a write found no place
+        to go: a bucket or directory that is not there.)"""
         try:
             yield
-        except FileNotFoundError:
-            raise
         except RemoteError:
             raise
+        except FileNotFoundError as e:
+            raise RemoteError(f"remote cache {self.shown}: {what} failed: {scrub(one_line(e))}: does the "
+                              "bucket or directory exist?") from None
         except ImportError as e:
             package = _PACKAGES.get(self.protocol, "the fsspec backend of this protocol")
             raise RemoteError(f"remote cache {self.shown}: {self.protocol}:// needs {package} ({one_line(e)})") from None
@@ -274,12 +277,15 @@ class Remote:
     # ------------------------------------------------------------------ what the engine calls
 
     def probe(self) -> None:
-        """One request that proves the remote answers and the credentials are accepted (RemoteError
-        otherwise): read a manifest no key has."""
-        try:
-            self._read_bounded(self.entry_path("0" * 64), MAX_MANIFEST_BYTES)
-        except ValueError:
-            pass
+        """One request that proves the remote answers, the credentials are accepted and the bucket exists
+        (RemoteError otherwise): look up a manifest no key has."""
+        with self._errors("reading"):
+            try:
+                self.fs.info(self.entry_path("0" * 64))
+            except FileNotFoundError as e:
+                if "bucket" in str(e).lower():  # S3's NoSuchBucket: every write would fail
+                    raise RemoteError(f"remote cache {self.shown}: {scrub(one_line(e))}: create it or fix "
+                                      "the URL") from None
 
     def manifest(self, key: str) -> tuple[Optional[dict], Optional[str]]:
         """(manifest, None) when the remote has a well-formed entry for `key`; (None, None) when it has none;

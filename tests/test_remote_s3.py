@@ -177,7 +177,7 @@ def test_a_tampered_blob_is_rejected(store, remote_url, toys):
     verify_entry(b.cache.entry_dir(key))
 
 
-def test_refused_missing_and_unreachable_remotes_are_one_line(store, remote_url, toys, monkeypatch):
+def test_refused_missing_unreachable_and_bucketless_remotes_are_one_line(store, remote_url, toys, monkeypatch):
     root, fake_kinds = toys
     a = machine(root, "a", fake_kinds)
     monkeypatch.setenv("OPTFORGE_CACHE", str(a.cache.root))
@@ -195,6 +195,9 @@ def test_refused_missing_and_unreachable_remotes_are_one_line(store, remote_url,
                                                "AWS_MAX_ATTEMPTS": "1"})
     assert down.exit_code == 2 and down.stderr.startswith(f"error: remote cache {remote_url}: cannot reach it")
     assert "--remote none" in down.stderr
-    for result in (wrong, none, down):
+    nobucket = CliRunner().invoke(main, ["build", str(a.recipe), "--device", "cpu", "--remote", "s3://no-such-bucket/x"])
+    assert nobucket.exit_code == 2 and nobucket.stderr.startswith("error: remote cache s3://no-such-bucket/x: ")
+    assert "bucket does not exist" in nobucket.stderr
+    for result in (wrong, none, down, nobucket):
         assert store.secret_key not in result.output and len(result.stderr.splitlines()) == 1
     assert not list(a.cache.keys())  # refused before any stage ran
