@@ -255,6 +255,9 @@ class Executor:
             return
         if outcome in ("published", "repaired", "present"):
             self.result.pushed.append(p.name)
+        else:  # "damaged here": the entry just sealed no longer verifies (optforge.sync.push_stage)
+            self.result.push_failed.append(p.name)
+            self.log(f"warning: {p.name} was not pushed: its entry here is {outcome}")
 
     def _run_stage(self, p: StagePlan) -> None:
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
