@@ -24,6 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUCKET = "optforge-test"
+# Run in front of `weed` on Linux: asks the kernel to SIGKILL the server when the test process dies however
+# it dies (PR_SET_PDEATHSIG survives exec), then becomes the server (same pid), so that a test run killed
+# from outside leaves no server behind. A wrapper, not a preexec_fn: the test process runs threads.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 class StoreUnavailable(Exception):
@@ -125,6 +135,8 @@ def _start(binary: Path, root: Path, timeout: float) -> ObjectStore:
            "-volume.preStopSeconds=0",
            *(f"-{name}={port}" for name, port in ports.items())]
     (root / "data").mkdir(exist_ok=True)
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    cwd=root, start_new_session=True)

@@ -246,6 +246,7 @@ def test_hardware_bound_entries_never_cross_devices(machines):
     assert kinds_of(result.pulled) == {"data", "teacher", "student", "distill", "prune"}  # trained: shared
     assert kinds_of(result.ran) == {"evaluate", "benchmark", "quantize", "compile"}  # measured here
     assert len(result.pulled) + len(result.ran) == 20
+    assert not result.logs  # kept apart by their keys (the device is in them), not by a refused manifest
 
 
 def test_a_forged_device_in_a_manifest_is_not_trusted(machines):
