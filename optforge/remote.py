@@ -105,7 +105,7 @@ def shown_value(v) -> str:
 
 
 def scrub(text: str) -> str:
-    """A backend's error text with every URL in it redacted (no userinfo password, no query string)."""
+    """A backend's error text with every URL in it redacted (no userinfo, no query string)."""
     return _URLS.sub(lambda m: redact(m.group(0)), text)
 
 

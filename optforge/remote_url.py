@@ -55,8 +55,9 @@ def check_remote(url: str) -> str:
 
 
 def redact(url: Optional[str]) -> str:
-    """`url` fit for a log line, an error or a report: no password, no query string, no fragment (the
-    checks refuse such URLs, and this keeps a refused one out of the message that refuses it)."""
+    """`url` fit for a log line, an error or a report: no userinfo (user, password), no query string, no
+    fragment (the checks refuse passwords and queries, and this keeps them out of the message that refuses
+    them)."""
     if not url:
         return ""
     text = str(url).split("#", 1)[0].split("?", 1)[0]
@@ -64,7 +65,5 @@ def redact(url: Optional[str]) -> str:
     if not m:
         return text
     authority, sep, path = m.group(2).partition("/")
-    if "@" in authority:
-        user, host = authority.rsplit("@", 1)
-        authority = f"{user.split(':', 1)[0]}@{host}" if user else host
+    authority = authority.rsplit("@", 1)[-1]  # no userinfo at all: a user name says who, not where
     return f"{m.group(1)}://{authority}{sep}{path}"

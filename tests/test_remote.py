@@ -92,8 +92,9 @@ def test_bad_urls_are_refused_without_echoing_a_secret(url, says):
     assert "s3cr3t" not in str(info.value)
 
 
-def test_redact_drops_passwords_queries_and_fragments():
-    assert redact("ssh://me:s3cr3t@host/p") == "ssh://me@host/p"
+def test_redact_drops_userinfo_queries_and_fragments():
+    assert redact("ssh://me:s3cr3t@host/p") == "ssh://host/p"
+    assert redact("ssh://builder@host/srv/cache") == "ssh://host/srv/cache"
     assert redact("s3://b/p?token=s3cr3t#frag") == "s3://b/p"
     assert redact("s3://b/p") == "s3://b/p"
 
@@ -383,7 +384,7 @@ def test_remote_errors_are_one_line(machines, monkeypatch):
                                                    "OPTFORGE_REMOTE, or --remote URL\n")
     bad = invoke("build", a.recipe, "--device", "cpu", env={"OPTFORGE_REMOTE": "ssh://me:s3cr3t@host/x"})
     assert bad.exit_code == 2 and len(bad.stderr.splitlines()) == 1 and "s3cr3t" not in bad.output
-    assert bad.stderr.startswith("error: OPTFORGE_REMOTE: 'ssh://me@host/x' carries a password")
+    assert bad.stderr.startswith("error: OPTFORGE_REMOTE: 'ssh://host/x' carries a password")
     gcs = invoke("build", a.recipe, "--device", "cpu", "--remote", "gs://bucket/x")
     assert gcs.exit_code == 2 and "Traceback" not in gcs.output
     assert gcs.stderr.startswith("error: remote cache gs://bucket/x: gs:// needs gcsfs")
