@@ -22,6 +22,10 @@ DEVICE_HELP = ("auto: cuda when an NVIDIA driver is present, CUDA_VISIBLE_DEVICE
                "and torch is a CUDA build (checked without importing torch), else cpu.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help=DEVICE_HELP)
+REMOTE_HELP = ("A remote cache (an fsspec URL: s3://bucket/prefix, gs://..., file:///abs/path, ssh://host/path; "
+               "credentials from the backend's usual places, never the URL); `none` turns a configured one off. "
+               "Default: $OPTFORGE_REMOTE, else the recipe's cache.remote.")
+remote_option = click.option("--remote", metavar="URL", default=None, help=REMOTE_HELP)
 
 
 def echo_error(e: OptforgeError) -> None:
@@ -136,15 +140,65 @@ def plan(recipe, as_json, verify, device):
 @click.option("--wait", is_flag=True, help="Wait for another build of this recipe instead of failing.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Let a teacher with `trust_remote_code: true` run the Python code that comes with its model.")
+@remote_option
+@click.option("--push/--no-push", default=None,
+              help="Upload every stage this build runs to the remote cache (default: the recipe's cache.push, "
+                   "else no). A failed upload is a warning and exit status 2; the results stay in the local cache.")
 @user_errors
-def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code):
-    """Run the stale stages, then render the report."""
+def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code, remote, push):
+    """Run the stale stages, then render the report. With a remote cache, a stale stage whose key the
+    remote has is downloaded and checked (size and sha256 of every file) instead of run."""
     from optforge.run import build as run_build
 
     result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
-                       keep_going=keep_going, wait=wait, display=recipe,
+                       keep_going=keep_going, wait=wait, display=recipe, remote=remote, push=push,
                        trust_remote_code=trust_remote_code or dry_run)  # a dry run loads no model
     sys.exit(result.exit_code)
+
+
+def _sync(verb: str, recipe: str, device: str, remote_url, until):
+    """push / pull: the session, the remote it names (or a one-line error), the loop, the summary line."""
+    from optforge import sync
+    from optforge.errors import RemoteError
+    from optforge.remote import Remote
+    from optforge.session import open_session
+
+    session = open_session(recipe, device, display=recipe)
+    setting = sync.remote_setting(session.recipe, remote_url)
+    if setting is None:
+        raise RemoteError(f"no remote cache to {verb}: set cache.remote in {recipe}, OPTFORGE_REMOTE, or --remote URL")
+    remote = Remote(setting.url)
+    if verb == "push":
+        result = sync.push(session, remote, until, echo=click.echo)
+    else:
+        result = sync.pull(session, remote, until, echo=click.echo,
+                           note=lambda msg: click.echo(f"warning: {msg}", err=True))
+    click.echo(sync.summary(verb, result, remote))
+
+
+def sync_command(fn):
+    """push and pull: `RECIPE [--remote URL] [--until STAGE] [--device ...]`, user errors as one line."""
+    for decorate in (user_errors, device_option,
+                     click.option("--until", metavar="STAGE", help="Only STAGE and what it depends on."),
+                     remote_option, click.argument("recipe"), main.command()):
+        fn = decorate(fn)
+    return fn
+
+
+@sync_command
+def push(recipe, remote, until, device):
+    """Upload the recipe's stages built here (and verified here in full) that the remote cache lacks:
+    files first, each stored under its sha256, then the entry's manifest, which makes it visible.
+    A key another machine already published is left as it is."""
+    _sync("push", recipe, device, remote, until)
+
+
+@sync_command
+def pull(recipe, remote, until, device):
+    """Download the recipe's stages that the local cache lacks and the remote cache has, each file checked
+    against its sha256; a damaged or incomplete remote entry is skipped with a warning. Entries of
+    hardware-bound stages come only from this device; compiled code only when the lock file records it."""
+    _sync("pull", recipe, device, remote, until)
 
 
 @main.command()

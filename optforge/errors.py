@@ -48,6 +48,12 @@ class CacheError(OptforgeError):
     """The cache cannot be used (locked by another build, unwritable...)."""
 
 
+class RemoteError(CacheError):
+    """The remote cache cannot be used: a URL that is not one, a backend that is not installed, a store that
+    cannot be reached or refuses the credentials (optforge.remote). Its message names the remote without
+    credentials (optforge.remote_url.redact)."""
+
+
 class StageFailure(OptforgeError):
     """An *expected*, deterministic failure of one stage (e.g. a quantization method that does not
     support this shape or device). It is recorded in the cache like a result, so a rebuild does not

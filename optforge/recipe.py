@@ -14,6 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_mode
 from optforge.errors import RecipeError, shown
 from optforge.methods import compile as compile_methods
 from optforge.methods import quantize as quant_methods
+from optforge.remote_url import check_remote
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -420,6 +421,23 @@ class ServeBenchmarkSpec(Strict):
         return sorted(v)
 
 
+class CacheSpec(Strict):
+    """Where this recipe's stages are shared beyond the local cache (optforge.remote). `remote`: an fsspec
+    URL (s3://bucket/prefix, gs://..., file:///abs/path, ssh://host/path) with no credentials in it; a
+    build reads through it (a stage whose key is there is downloaded and verified, never rerun).
+    `push`: a build also uploads every stage it runs. $OPTFORGE_REMOTE and `--remote` override `remote`
+    (`none` turns it off). Neither enters a stage key or the recipe hash: where results are kept is not
+    what they are."""
+
+    remote: Optional[str] = None
+    push: bool = False
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v):
+        return None if v is None else check_remote(v)
+
+
 class PartialOf:
     """Field metadata: the field holds a partial mapping merged key by key over the recipe section of
     the same name and validated as `model` (recipe_io lists `model`'s keys for an unknown one)."""
@@ -481,6 +499,7 @@ class Recipe(Strict):
     gates: GatesSpec = GatesSpec()
     serve_benchmark: Optional[ServeBenchmarkSpec] = None
     overrides: Optional[OverridesSpec] = None  # per device: benchmark/gates/serve_benchmark/baseline
+    cache: Optional[CacheSpec] = None  # a shared remote cache (optforge.remote)
 
     # Cross-references are checked here so every consumer can trust them. Errors carry their key path.
     @model_validator(mode="after")

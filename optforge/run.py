@@ -7,6 +7,12 @@ OptforgeError such as DataError, which is the user's to fix: exit 2), nothing is
 file records the error; the build stops there, or with `keep_going` goes on with whatever does not
 depend on it.
 
+Remote cache (optforge.remote, optforge.sync): a stale stage whose key a remote has is downloaded,
+verified and sealed locally ("pulled") instead of run; with `push`, every stage this build runs is
+uploaded after it is sealed. A remote entry that fails a check is ignored with a warning and the stage
+runs here; a remote that stops answering mid-build only costs that: the build goes on locally. An
+upload that fails is a warning too, and the build's exit status becomes 2 (its results are safe here).
+
 The lock file is rewritten after every stage, so a killed build keeps what it completed; each stage's
 wall time goes to the cache's timings.json (optforge.timings), what the next `plan` expects it to take.
 Long loops inside a stage report progress (`stage_progress`). Nothing here imports torch: stage runners
@@ -26,12 +32,14 @@ from typing import Callable, Optional, TextIO
 
 from optforge import timings
 from optforge.cache import Cache
-from optforge.errors import OptforgeError, StageFailure
+from optforge.errors import OptforgeError, RemoteError, StageFailure
 from optforge.lockfile import write_lock
 from optforge.plan import StagePlan, select, skipped_below
 from optforge.progress import DEFAULT_INTERVAL_S, LineProgress, interval_from_env
+from optforge.remote import Remote
 from optforge.session import Session, open_session, render, stage_results
 from optforge.stages.base import StageContext
+from optforge.sync import pull_stage, push_stage, remote_setting
 
 
 def _stderr(msg: str) -> None:
@@ -71,6 +79,9 @@ class BuildResult:
     crashed: list[str] = field(default_factory=list)  # stages that raised something other than StageFailure
     user_errors: list[str] = field(default_factory=list)  # ... of which an OptforgeError (e.g. DataError)
     not_run: list[str] = field(default_factory=list)  # stopped before reaching them
+    pulled: list[str] = field(default_factory=list)  # downloaded from the remote cache instead of run
+    pushed: list[str] = field(default_factory=list)  # uploaded to the remote cache (this build ran them)
+    push_failed: list[str] = field(default_factory=list)  # ran here, but the upload failed
     seconds: float = 0.0
     reports: list[Path] = field(default_factory=list)
     summary: str = ""
@@ -80,7 +91,7 @@ class BuildResult:
         # recorded StageFailures are results (a `failed:` report row), not a broken build
         if set(self.crashed) - set(self.user_errors):
             return 1  # a bug somewhere: its traceback was printed
-        return 2 if self.crashed else 0
+        return 2 if self.crashed or self.push_failed else 0
 
 
 def verify_inputs(session: Session, plans: list[StagePlan], selected: set[str]) -> None:
@@ -117,10 +128,12 @@ def verify_all(session: Session, plans: list[StagePlan]) -> None:
 class Executor:
     def __init__(self, session: Session, plans: list[StagePlan], selected: set[str], force: set[str],
                  keep_going: bool, echo: Callable[[str], None], log: Callable[[str], None],
-                 progress: Optional[float]):
-        """`progress`: seconds between progress lines off a terminal (None: no progress at all)."""
+                 progress: Optional[float], remote: Optional[Remote] = None, push: bool = False):
+        """`progress`: seconds between progress lines off a terminal (None: no progress at all). `remote`:
+        read stale stages through it; `push`: upload what runs to it."""
         self.s, self.plans, self.selected, self.force = session, plans, selected, force
         self.keep_going, self.echo, self.log, self.progress = keep_going, echo, log, progress
+        self.remote, self.push = remote, push
         self.keys = {p.name: p.key for p in plans}
         self.result = BuildResult()
         self.device_checked = False
@@ -205,7 +218,46 @@ class Executor:
                     # sealed since the plan (by another build): a new entry, not the one the plan distrusted
                     self._cached(p, state)
                     return
+                if self.remote is not None and self._pull(p):
+                    return
             self._run_stage(p)
+
+    def _pull(self, p: StagePlan) -> bool:
+        """Take `p`'s entry from the remote cache instead of running it (optforge.sync.pull_stage); False
+        when the remote has no usable one, or stops answering (then the stage runs here)."""
+        warn = lambda msg: self.log(f"warning: {msg}; running it here")  # noqa: E731
+        try:
+            state = pull_stage(self.s, p, self.remote, warn)
+        except RemoteError as e:
+            warn(str(e))
+            return False
+        if state is None or state.status not in ("ok", "failed"):
+            return False
+        self.sealed.add(p.key)
+        self._outcome(p, state.status, state.metrics, state.reason)
+        self.result.pulled.append(p.name)
+        if state.status == "failed":
+            self.result.failed.append(p.name)
+        self._record(p, state)
+        recorded = f" (a recorded failure: {state.reason})" if state.status == "failed" else ""
+        self.echo(f"{'pulled':<8}{p.name}{recorded}")
+        return True
+
+    def _push(self, p: StagePlan) -> None:
+        """Upload the entry this build just sealed; a failure is a warning (the build goes on) and exit 2."""
+        if not self.push or self.remote is None:
+            return
+        try:
+            outcome = push_stage(self.s, p, self.remote)
+        except RemoteError as e:
+            self.result.push_failed.append(p.name)
+            self.log(f"warning: {p.name} was not pushed: {e}")
+            return
+        if outcome in ("published", "repaired", "present"):
+            self.result.pushed.append(p.name)
+        else:  # "damaged here": the entry just sealed no longer verifies (optforge.sync.push_stage)
+            self.result.push_failed.append(p.name)
+            self.log(f"warning: {p.name} was not pushed: its entry here is {outcome}")
 
     def _run_stage(self, p: StagePlan) -> None:
         cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
@@ -235,6 +287,7 @@ class Executor:
             self.result.failed.append(p.name)
             self._record(p, state)
             self.echo(f"{'failed':<8}{p.name}: {state.reason}")
+            self._push(p)
             return
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -262,6 +315,7 @@ class Executor:
         self.result.ran.append(p.name)
         self._record(p, state)  # before the line: whoever sees "ran X" can rely on the lock file having X
         self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
+        self._push(p)
 
     def _timed(self, p: StagePlan, seconds: float) -> None:
         """What the stage took, sealing its entry included: what the next `plan` expects it to take."""
@@ -270,6 +324,12 @@ class Executor:
 
 def _summary(r: BuildResult) -> str:
     extra = ""
+    if r.pulled:
+        extra += f", {len(r.pulled)} pulled"
+    if r.pushed:
+        extra += f", {len(r.pushed)} pushed"
+    if r.push_failed:
+        extra += f", {len(r.push_failed)} not pushed (see the warnings)"
     if r.failed:
         extra += f", {len(r.failed)} failed"
     if r.skipped:
@@ -277,7 +337,7 @@ def _summary(r: BuildResult) -> str:
     if r.crashed and r.not_run:
         return (f"build stopped: {r.crashed[0]} crashed; {len(r.ran)} ran, {len(r.cached)} cached{extra}, "
                 f"{len(r.not_run)} not run in {r.seconds:.1f}s (--keep-going builds what does not depend on it)")
-    if not r.ran and not r.crashed:
+    if not r.ran and not r.crashed and not r.pulled:
         return f"nothing to do: {len(r.cached)} stages fresh{extra}"
     crashed = f"; crashed: {', '.join(r.crashed)} (see above)" if r.crashed else ""
     return f"build: {len(r.ran)} ran, {len(r.cached)} cached{extra} in {r.seconds:.1f}s{crashed}"
@@ -296,20 +356,26 @@ def dry_run_lines(plans: list[StagePlan], selected: set[str]) -> list[str]:
 
 
 def build(recipe: Path | str, *, device: str = "auto", cache: Cache | None = None, display: str | None = None,
-          trust_remote_code: Optional[bool] = None, **options) -> BuildResult:
+          trust_remote_code: Optional[bool] = None, remote: Optional[str] = None, push: Optional[bool] = None,
+          **options) -> BuildResult:
     """`optforge build`: load and check the recipe, then `execute` it (options: see `execute`;
-    `trust_remote_code`: see `open_session`)."""
+    `trust_remote_code`: see `open_session`; `remote`, `push`: the --remote and --push/--no-push flags,
+    resolved with $OPTFORGE_REMOTE and the recipe's `cache` by optforge.sync.remote_setting)."""
     t0 = time.perf_counter()
-    return execute(open_session(recipe, device, cache, display, trust_remote_code=trust_remote_code),
-                   started=t0, **options)
+    session = open_session(recipe, device, cache, display, trust_remote_code=trust_remote_code)
+    setting = remote_setting(session.recipe, remote, push=push)
+    return execute(session, started=t0, remote=Remote(setting.url) if setting else None,
+                   push=bool(setting and setting.push), **options)
 
 
 def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run: bool = False,
             keep_going: bool = False, wait: bool = False, echo: Callable[[str], None] = _stdout,
             log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True,
-            started: Optional[float] = None) -> BuildResult:
+            started: Optional[float] = None, remote: Optional[Remote] = None, push: bool = False) -> BuildResult:
     """Build `session`'s stale stages (dry_run: only say which). `progress`: long loops show a tqdm bar on a
-    terminal, else a line every $OPTFORGE_PROGRESS_INTERVAL seconds on stderr; False: nothing."""
+    terminal, else a line every $OPTFORGE_PROGRESS_INTERVAL seconds on stderr; False: nothing. `remote`:
+    a remote cache to read stale stages through (contacted only when a stage is stale: RemoteError when
+    it does not answer then); `push`: upload what this build runs to it."""
     t0 = started if started is not None else time.perf_counter()
     force = set(force)
     selected = select(session.graph, until)
@@ -324,9 +390,11 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
         plans = session.plan(force)
         session.cache.register(session.lock_file)
         if any(p.status == "stale" for p in plans if p.name in selected):
+            if remote is not None:
+                remote.probe()  # an unreachable remote or refused credentials: one line, before any work
             session.cache.sweep_tmp()
             verify_inputs(session, plans, selected)
-        result = Executor(session, plans, selected, force, keep_going, echo, log, interval).run()
+        result = Executor(session, plans, selected, force, keep_going, echo, log, interval, remote, push).run()
         session.save_hashes()
     result.seconds = time.perf_counter() - t0
     result.summary = _summary(result)

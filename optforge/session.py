@@ -73,9 +73,9 @@ class Session:
 
     def env(self) -> dict:
         """What the report prints about where and with what the results were made."""
-        # the device's view, less the keys that only select it: a recipe that uses none of them hashes
-        # as it did before they existed
-        selectors = {"overrides": True, "configs": {"__all__": {"devices"}}}
+        # the device's view, less the keys that only select it or say where results are kept (`cache`): a
+        # recipe that uses none of them hashes as it did before they existed
+        selectors = {"overrides": True, "cache": True, "configs": {"__all__": {"devices"}}}
         recipe = (self.recipe.model_dump(mode="json", exclude=selectors, context=KEY_COMPAT) if self.recipe
                   else [n.params for n in self.graph.nodes])
         # local files: their content hashes; a hub dataset: what names it

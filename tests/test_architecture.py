@@ -31,6 +31,8 @@ PURE = [
     "optforge.export", "optforge.export.command", "optforge.export.card",
     "optforge.export.publish",
     "optforge.progress", "optforge.timings", "optforge.paired",
+    # the remote cache: fsspec (and s3fs, botocore) only once a remote is used
+    "optforge.remote_url", "optforge.remote", "optforge.sync",
 ]
 HEAVY = ("torch", "transformers", "torchao", "onnxruntime", "onnx")
 
