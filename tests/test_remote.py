@@ -187,16 +187,16 @@ def test_remote_manifest_drops_mtimes_and_carries_the_device():
 def test_machine_b_pulls_what_a_pushed_and_runs_only_code_its_lock_does_not_record(machines):
     a, b = machines.a, machines.b
     first = a.build(remote=machines.remote, push=True)
-    assert first.exit_code == 0 and len(first.ran) == 20 and sorted(first.pushed) == sorted(first.ran)
+    assert first.exit_code == 0 and len(first.ran) == 21 and sorted(first.pushed) == sorted(first.ran)
     published = entries(machines.root)
-    assert len(published) == 20 and all(m["key"] == k for k, m in published.items())
+    assert len(published) == 21 and all(m["key"] == k for k, m in published.items())
     blobs = {p.name for p in (machines.root / "blobs").glob("*/*")}
     assert blobs == {info["sha256"] for m in published.values() for info in m["files"].values()}
     assert not list((machines.root / "tmp").iterdir())  # staging names are renamed away or removed
 
     second = b.build(remote=machines.remote)  # a fresh checkout: no lock file yet
     assert second.ran == ["compile:compiled"], second.lines
-    assert len(second.pulled) == 19 and second.exit_code == 0
+    assert len(second.pulled) == 20 and second.exit_code == 0
     assert any("compile:compiled not used: it holds code" in line for line in second.logs)
     for key in b.cache.keys():
         verify_entry(b.cache.entry_dir(key))  # every pulled file is what its manifest says
@@ -205,10 +205,10 @@ def test_machine_b_pulls_what_a_pushed_and_runs_only_code_its_lock_does_not_reco
     shutil.rmtree(b.cache.root)
     shutil.copy(a.lock, b.lock)
     third = b.build(remote=machines.remote)
-    assert third.ran == [] and len(third.pulled) == 20
-    assert third.summary.startswith("build: 0 ran, 0 cached, 20 pulled")
+    assert third.ran == [] and len(third.pulled) == 21
+    assert third.summary.startswith("build: 0 ran, 0 cached, 21 pulled")
     assert read_lock(b.lock) == read_lock(a.lock)
-    assert b.build(remote=machines.remote).summary == "nothing to do: 20 stages fresh"
+    assert b.build(remote=machines.remote).summary == "nothing to do: 21 stages fresh"
 
 
 def test_a_no_op_build_never_contacts_the_remote_nor_imports_fsspec(cli, optforge_env, fake_kinds):
@@ -217,7 +217,7 @@ def test_a_no_op_build_never_contacts_the_remote_nor_imports_fsspec(cli, optforg
     mods = optforge_env.root / "modules.txt"
     # no such bucket, no credentials: only a stale stage would reach for it
     again = cli("build", toy, "--device", "cpu", "--remote", "s3://no-such-bucket/x", "--push", modules_out=mods)
-    assert again.returncode == 0 and again.stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert again.returncode == 0 and again.stdout.splitlines()[-1] == "nothing to do: 21 stages fresh"
     assert not {"fsspec", "s3fs", "botocore"} & set(mods.read_text().split())
 
 
@@ -246,7 +246,7 @@ def test_hardware_bound_entries_never_cross_devices(machines):
     result = b.build(remote=machines.remote)
     assert kinds_of(result.pulled) == {"data", "teacher", "student", "distill", "prune"}  # trained: shared
     assert kinds_of(result.ran) == {"evaluate", "benchmark", "quantize", "compile"}  # measured here
-    assert len(result.pulled) + len(result.ran) == 20
+    assert len(result.pulled) + len(result.ran) == 21
     assert not result.logs  # kept apart by their keys (the device is in them), not by a refused manifest
 
 
@@ -284,7 +284,7 @@ def test_partial_uploads_are_never_trusted(machines):
     path.write_bytes(path.read_bytes()[:40])
 
     result = b.build(remote=machines.remote)
-    assert not result.pulled and len(result.ran) == 20
+    assert not result.pulled and len(result.ran) == 21
     warnings = "\n".join(result.logs)
     assert "remote entry of student ignored: blob of weights.bin is missing" in warnings
     assert "remote entry of distill ignored: manifest is not JSON" in warnings
@@ -305,14 +305,14 @@ def test_a_tampered_blob_is_rejected_and_a_push_repairs_it(machines, tmp_path, f
     blob.write_bytes(bytes(data))
 
     result = b.build(remote=machines.remote, push=True)
-    assert result.ran == ["teacher"] and len(result.pulled) == 19 and result.exit_code == 0
+    assert result.ran == ["teacher"] and len(result.pulled) == 20 and result.exit_code == 0
     assert any("remote entry of teacher ignored: weights.bin: sha256 mismatch" in line for line in result.logs)
     verify_entry(b.cache.entry_dir(teacher))
     # B's push replaced the bad blob (its own teacher has the same bytes): a third machine pulls everything
     c = machine(tmp_path, "c", fake_kinds)
     shutil.copy(a.lock, c.lock)
     third = c.build(remote=machines.remote)
-    assert len(third.pulled) == 20 and not third.logs
+    assert len(third.pulled) == 21 and not third.logs
 
 
 def race_publishers(url: str, m: SimpleNamespace, writers: int) -> tuple[int, dict]:
@@ -361,9 +361,9 @@ def test_push_and_pull_commands(machines, monkeypatch):
     assert invoke("build", a.recipe, "--device", "cpu").exit_code == 0
     pushed = invoke("push", a.recipe, "--device", "cpu", "--remote", machines.remote)
     assert pushed.exit_code == 0, pushed.output
-    assert pushed.stdout.splitlines()[-1] == f"push {machines.remote}: 20 published"
+    assert pushed.stdout.splitlines()[-1] == f"push {machines.remote}: 21 published"
     again = invoke("push", a.recipe, "--device", "cpu", "--remote", machines.remote)
-    assert again.stdout.splitlines()[-1] == f"push {machines.remote}: 20 present"
+    assert again.stdout.splitlines()[-1] == f"push {machines.remote}: 21 present"
 
     monkeypatch.setenv("OPTFORGE_CACHE", str(b.cache.root))
     shutil.copy(a.lock, b.lock)

@@ -118,7 +118,7 @@ def test_a_killed_push_leaves_nothing_that_b_trusts(store, remote_url, toys):
         push.wait(30)
     assert push.returncode == -signal.SIGKILL
     there = published(store, remote_url)
-    assert 1 <= len(there) < 20, f"the push was not stopped mid-way ({len(there)} of 20 published)"
+    assert 1 <= len(there) < 21, f"the push was not stopped mid-way ({len(there)} of 21 published)"
     assert all(whole(store, remote_url, m) for m in there.values())  # a manifest only after all its blobs
 
     result = b.build(remote=remote_url)
@@ -133,7 +133,7 @@ def test_a_killed_push_leaves_nothing_that_b_trusts(store, remote_url, toys):
     again = CliRunner().invoke(main, ["push", str(a.recipe), "--device", "cpu", "--remote", remote_url],
                                env={"OPTFORGE_CACHE": str(a.cache.root)})
     assert again.exit_code == 0, again.output
-    assert again.stdout.splitlines()[-1] == f"push {remote_url}: {20 - len(there)} published, {len(there)} present"
+    assert again.stdout.splitlines()[-1] == f"push {remote_url}: {21 - len(there)} published, {len(there)} present"
 
 
 def test_concurrent_publishers_of_one_key(store, remote_url, toys):
@@ -152,15 +152,16 @@ def test_concurrent_publishers_of_one_key(store, remote_url, toys):
     outputs = [p.communicate(timeout=120) for p in pushers]
     assert [p.returncode for p in pushers] == [0, 0], outputs
     counts = [sum(line.startswith("published") for line in out.splitlines()) for out, _ in outputs]
-    assert sum(counts) == 20, outputs  # each key published by exactly one of them
+    assert sum(counts) == 21, outputs  # each key published by exactly one of them
     there = published(store, url)
-    assert len(there) == 20 and all(whole(store, url, m) for m in there.values())
+    assert len(there) == 21 and all(whole(store, url, m) for m in there.values())
 
 
 def test_a_tampered_blob_is_rejected(store, remote_url, toys):
     root, fake_kinds = toys
     a, b = machine(root, "a", fake_kinds), machine(root, "b", fake_kinds)
-    assert a.build(remote=remote_url, push=True, until="distill").pushed == ["data", "teacher", "student", "distill"]
+    assert a.build(remote=remote_url, push=True, until="distill").pushed == [
+        "data", "teacher", "student", "teacher_logits", "distill"]
     shutil.copy(a.lock, b.lock)
     key = read_lock(a.lock)["stages"]["distill"]["key"]
     sha = published(store, remote_url)[key]["files"]["weights.bin"]["sha256"]
@@ -171,7 +172,7 @@ def test_a_tampered_blob_is_rejected(store, remote_url, toys):
     fs.pipe_file(blob, bytes(data))
 
     result = b.build(remote=remote_url, until="distill")
-    assert result.ran == ["distill"] and result.pulled == ["data", "teacher", "student"]
+    assert result.ran == ["distill"] and result.pulled == ["data", "teacher", "student", "teacher_logits"]
     assert result.logs == ["warning: remote entry of distill ignored: weights.bin: sha256 mismatch "
                            "(a tampered or partial blob); running it here"]
     verify_entry(b.cache.entry_dir(key))
