@@ -1,0 +1,82 @@
+"""Perplexity with one fixed protocol (the recipe's `perplexity` section; defaults: context = data.max_length,
+stride = context // 2), the one every causal-LM row is evaluated with:
+
+1. The eval texts, each tokenized without special tokens and followed by the separator id
+   (`lm.model.eos_id`: EOS, else SEP), concatenated in file order into one token stream.
+2. Windows of `context_length` tokens start at 0, stride, 2*stride, ... until one reaches the end of the
+   stream (the last window may be shorter). A window scores only the tokens the previous window did not
+   score, so every token after the first is scored exactly once, with at least
+   context_length - stride tokens of context (fewer only in the first window); the first token of the stream
+   has no context and is never scored. This is the sliding-window evaluation of the transformers
+   perplexity guide; stride = context_length gives disjoint windows (less context, higher perplexity).
+3. perplexity = exp(total negative log-likelihood / scored tokens), the NLL summed in fp32 from
+   log_softmax of the logits (fp32) the row's runnable returns.
+
+`windows` is pure (tested on integers); `perplexity` runs a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a stream of `n_tokens` tokens: the window
+    feeds tokens [begin, end) and scores the targets at positions [first, end)."""
+    if context < 2 or not 1 <= stride <= context:
+        raise ValueError(f"need context >= 2 and 1 <= stride <= context, got context {context}, stride {stride}")
+    out: list[tuple[int, int, int]] = []
+    scored_to = 1  # position 0 has no context
+    begin = 0
+    while scored_to < n_tokens:
+        end = min(begin + context, n_tokens)
+        out.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        begin += stride
+    return out
+
+
+def token_stream(tokenizer, texts: list[str]) -> list[int]:
+    from optforge.lm.model import eos_id
+
+    sep = eos_id(tokenizer)
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(sep)
+    return stream
+
+
+def perplexity(logits_fn: Callable, stream: list[int], context: int, stride: int, device, batch_size: int = 8,
+               bar: Optional[Callable] = None) -> dict:
+    """Perplexity of `stream` under `logits_fn(input_ids [B, T]) -> logits [B, T, V]` (module docstring)."""
+    import torch
+
+    spans = windows(len(stream), context, stride)
+    if not spans:
+        raise ValueError(f"the eval stream has {len(stream)} token(s): nothing to score")
+    ids = torch.tensor(stream, dtype=torch.long)
+    nll, scored = 0.0, 0
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:  # equal-length windows batch together (only the last one can be shorter)
+        groups.setdefault(span[1] - span[0], []).append(span)
+    progress = bar(total=len(spans), desc="perplexity", unit="window") if bar is not None else None
+    with torch.inference_mode():
+        for length, group in groups.items():
+            for i in range(0, len(group), batch_size):
+                chunk = group[i:i + batch_size]
+                batch = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
+                logp = torch.log_softmax(logits_fn(batch).float(), dim=-1)
+                for row, (b, e, first) in enumerate(chunk):
+                    targets = batch[row, first - b:]
+                    picked = logp[row, first - b - 1:e - b - 1].gather(-1, targets[:, None])
+                    nll -= picked.sum().item()
+                    scored += len(targets)
+                if progress is not None:
+                    progress.update(len(chunk))
+    if progress is not None:
+        progress.close()
+    mean = nll / scored
+    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens_scored": scored, "windows": len(spans),
+            "stream_tokens": len(stream), "context_length": context, "stride": stride}
