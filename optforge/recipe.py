@@ -453,7 +453,7 @@ LM_MAX_PPL_INCREASE = 5.0
 
 class PerplexitySpec(Strict):
     """causal-lm: how perplexity is measured (optforge.lm.perplexity, the fixed protocol). The eval texts are
-    joined into one token stream; windows of `context_length` tokens start every `stride` tokens, and each
+    joined into one token stream; windows of `context_length` tokens end every `stride` tokens, and each
     window scores only the tokens the previous one did not (the first window: all but its first token), each
     with at least context_length - stride tokens of context. The figure moves with both: compare rows of
     one recipe only, and published numbers only at the same protocol."""
@@ -464,9 +464,9 @@ class PerplexitySpec(Strict):
 
     @model_validator(mode="after")
     def _stride(self):
-        if self.stride is not None and self.context_length is not None and self.stride > self.context_length:
-            raise ValueError(f"stride {self.stride} exceeds context_length {self.context_length}: tokens "
-                             f"between windows would never be scored")
+        if self.stride is not None and self.context_length is not None and self.stride >= self.context_length:
+            raise ValueError(f"stride {self.stride} must be below context_length {self.context_length}: each "
+                             f"window scores its last `stride` tokens with the tokens before them as context")
         return self
 
 
@@ -710,6 +710,10 @@ def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
     for i, c in enumerate(r.configs):
         if c.runtime != DEFAULT_RUNTIME:
             out.append((("configs", i, "runtime"), f"{lm} runs in PyTorch only; use runtime: torch"))
+    proto = r.perplexity_protocol()
+    if proto.stride >= proto.context_length:
+        out.append((("perplexity", "stride"), f"stride {proto.stride} must be below the context length "
+                                              f"{proto.context_length} (perplexity.context_length, else data.max_length)"))
     ft = r.teacher.finetune
     if r.teacher.config is not None and isinstance(ft, TrainSpec) and ft.freeze_embeddings:
         out.append((("teacher", "finetune", "freeze_embeddings"),

@@ -161,7 +161,7 @@ def load_float(artifact_dir):
 
     d = Path(artifact_dir)
     meta = read_meta(d)
-    if meta.get("format") != FLOAT_FORMAT:
+    if FLOAT_FORMAT not in (meta.get("format"), meta.get("base_format")):  # a compiled float artifact has its files
         raise OptforgeError(f"{d}: expected a float causal-LM artifact, got format {meta.get('format')!r}")
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, use_safetensors=True)

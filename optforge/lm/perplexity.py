@@ -3,12 +3,12 @@ stride = context // 2), the one every causal-LM row is evaluated with:
 
 1. The eval texts, each tokenized without special tokens and followed by the separator id
    (`lm.model.eos_id`: EOS, else SEP), concatenated in file order into one token stream.
-2. Windows of `context_length` tokens start at 0, stride, 2*stride, ... until one reaches the end of the
-   stream (the last window may be shorter). A window scores only the tokens the previous window did not
-   score, so every token after the first is scored exactly once, with at least
-   context_length - stride tokens of context (fewer only in the first window); the first token of the stream
-   has no context and is never scored. This is the sliding-window evaluation of the transformers
-   perplexity guide; stride = context_length gives disjoint windows (less context, higher perplexity).
+2. Windows of `context_length` tokens: the first starts at 0; each next one ends `stride` tokens after the
+   previous one (stride < context_length) and scores only the tokens the previous window did not, so every
+   token after the first is scored exactly once, with at least context_length - stride tokens of context
+   (fewer only in the first window); the first token of the stream has no context and is never scored.
+   This is the sliding-window evaluation of the transformers perplexity guide; a smaller stride gives
+   more context per token (lower perplexity) at more forward passes.
 3. perplexity = exp(total negative log-likelihood / scored tokens), the NLL summed in fp32 from
    log_softmax of the logits (fp32) the row's runnable returns.
 
@@ -23,17 +23,19 @@ from typing import Callable, Optional
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over a stream of `n_tokens` tokens: the window
-    feeds tokens [begin, end) and scores the targets at positions [first, end)."""
-    if context < 2 or not 1 <= stride <= context:
-        raise ValueError(f"need context >= 2 and 1 <= stride <= context, got context {context}, stride {stride}")
-    out: list[tuple[int, int, int]] = []
-    scored_to = 1  # position 0 has no context
-    begin = 0
-    while scored_to < n_tokens:
-        end = min(begin + context, n_tokens)
-        out.append((begin, end, max(scored_to, begin + 1)))
-        scored_to = end
-        begin += stride
+    feeds tokens [begin, end) and scores the targets at positions [first, end). The first window scores
+    [1, context); each next one ends `stride` tokens later, starts `context` tokens before its end, and
+    scores what the previous one did not: every token after the first exactly once, with at least
+    context - stride tokens of context."""
+    if context < 2 or not 1 <= stride < context:
+        raise ValueError(f"need context >= 2 and 1 <= stride < context, got context {context}, stride {stride}")
+    if n_tokens < 2:
+        return []
+    end = min(context, n_tokens)
+    out = [(0, end, 1)]
+    while end < n_tokens:
+        prev, end = end, min(end + stride, n_tokens)
+        out.append((max(0, end - context), end, prev))
     return out
 
 
