@@ -60,8 +60,9 @@ class QuantMethod:
         raise NotImplementedError
 
     def accepts(self, linear, params: BaseModel, device: str) -> bool:
-        """Whether this method's kernels take a Linear of this shape (one it does not take stays float and
-        counts as skipped)."""
+        """Whether this method's kernels take a Linear of this shape. In a causal LM (`QuantScope`) one it
+        does not take stays float and counts as skipped; in a classifier's encoder the kernel's error is the
+        row's StageFailure, as before."""
         return True
 
     def compute_precision_for(self, precision: str) -> str:
@@ -264,8 +265,8 @@ class Int4WeightOnly(QuantMethod):
         return linear.in_features % params.group_size == 0 and (device != "cpu" or linear.out_features % 16 == 0)
 
     def apply(self, model, params, device):
-        def accepts(linear):
-            return self.accepts(linear, params, device)
+        def accepts(linear):  # a causal LM's head of 50257 outputs stays float; a classifier's misfit still fails
+            return not isinstance(model, QuantScope) or self.accepts(linear, params, device)
 
         if device == "cpu":
             from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
