@@ -101,7 +101,8 @@ class TrainSpec(Strict):
 
 
 class RandomInitSpec(Strict):
-    """A BERT-style encoder built from a config with random weights (tests, tiny recipes)."""
+    """A model built from a config with random weights (tests, tiny recipes): a BERT-style encoder, or in a
+    causal-lm recipe a GPT-2 (optforge.lm.model.random_gpt2; `intermediate_size` is its FFN width)."""
 
     num_layers: int = Field(2, ge=1, le=48)
     hidden_size: int = Field(64, ge=8, le=4096)
@@ -124,7 +125,11 @@ class TeacherSpec(Strict):
     A checkpoint that already is a sequence classifier (its config's `architectures` name a
     `*ForSequenceClassification`: yours, or one from the Hub) is used **as is**: its own head, labels and
     weights, evaluated and optimized as given unless `finetune` is set. A bare encoder gets a new head,
-    `pooling` picks which, and is fine-tuned (`finetune` absent: the TrainSpec defaults)."""
+    `pooling` picks which, and is fine-tuned (`finetune` absent: the TrainSpec defaults).
+
+    In a causal-lm recipe `model` is loaded with AutoModelForCausalLM and used as given unless `finetune`
+    is set, and `config` is a random-init GPT-2 trained from scratch (`lm_train_spec`); `pooling`,
+    `label_map` and `trust_remote_code` are refused there."""
 
     model: Optional[str] = None
     config: Optional[RandomInitSpec] = None

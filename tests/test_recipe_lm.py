@@ -111,3 +111,16 @@ def test_serve_declines_a_causal_lm_recipe(tmp_path):
     session = SimpleNamespace(recipe=load(tmp_path, LM).recipe, graph=None)
     with pytest.raises(OptforgeError, match="causal-LM recipe: optforge serve handles classifiers only"):
         resolve_artifact(session, [], "best", "r.yaml")
+
+
+def test_lm_notes_say_what_stayed_float_and_why_a_quantized_row_grew():
+    from optforge.report.lm import lm_notes
+
+    rows = [{"name": "base", "modules_quantized": None, "modules_skipped": None, "size_mb": 10.0, "compiled": False},
+            {"name": "int4", "modules_quantized": 48, "modules_skipped": 1, "size_mb": 6.0, "compiled": False},
+            {"name": "int8", "modules_quantized": 49, "modules_skipped": 0, "size_mb": 12.0, "compiled": True}]
+    notes = lm_notes(rows, rows[0])
+    assert notes[0].startswith("`int4`: 1 module(s) kept float")
+    assert notes[1].startswith("`int8`: larger on disk than the baseline")
+    assert notes[2].startswith("compiled rows: perplexity is computed with the same weights run eagerly")
+    assert len(notes) == 3

@@ -26,6 +26,7 @@ from pathlib import Path
 from optforge.errors import OptforgeError, StageFailure, kernel_failure
 
 QUANTIZED_FORMAT = "lm-quantized"
+RECOMPILE_LIMIT = 64
 COMPILED_FORMAT = "lm-compiled"
 
 
@@ -43,17 +44,23 @@ class LMRunnable:
         self.compiled = compile_mode is not None
         self.forward = model
         if compile_mode is not None:
+            import torch._dynamo.config as dynamo
+
+            # one graph per (batch, length, cache length): prefill per prompt length, decode per batch.
+            # Past Dynamo's default limit of 8 it would silently run new shapes eagerly and the benchmark
+            # would time eager code under a compiled row's name
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
             torch_mode = None if compile_mode == "default" else compile_mode
             self.forward = torch.compile(model, mode=torch_mode, dynamic=False)
 
     # ------------------------------------------------------------------ running
 
-    def logits(self, ids):
-        """[B, T, V] logits of a whole sequence (no cache), eager."""
+    def logits(self, ids, keep: int = 0):
+        """[B, T, V] logits of a whole sequence (no cache), eager; with `keep`, of its last `keep` positions."""
         import torch
 
         with torch.inference_mode():
-            return self.model(ids.to(self.device), use_cache=False).logits
+            return self.model(ids.to(self.device), use_cache=False, logits_to_keep=keep).logits
 
     def generate(self, ids, new_tokens: int, keep_logits: bool = False):
         from optforge.lm.decode import generate

@@ -62,8 +62,7 @@ def random_gpt2(spec, vocab_size: int, n_positions: int, bos_eos: Optional[int] 
 
     config = GPT2Config(vocab_size=padded_vocab(vocab_size), n_positions=n_positions, n_embd=spec.hidden_size,
                         n_layer=spec.num_layers, n_head=spec.num_heads, n_inner=spec.intermediate_size,
-                        bos_token_id=bos_eos, eos_token_id=bos_eos, pad_token_id=bos_eos,
-                        tie_word_embeddings=True)
+                        bos_token_id=bos_eos, eos_token_id=bos_eos, tie_word_embeddings=True)  # no padding: unpadded blocks
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         return GPT2LMHeadModel(config)
@@ -145,8 +144,11 @@ def read_meta(artifact_dir) -> dict:
 
 def save_float(model, tokenizer, meta: dict, out_dir) -> dict:
     """Write the float artifact (module docstring); returns its optforge_model.json."""
+    from optforge.modeling import _quiet_transformers
+
     out = Path(out_dir)
-    model.save_pretrained(str(out), safe_serialization=True)
+    with _quiet_transformers():  # no "Writing model shards" bar in a build log
+        model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     full = {"format": FLOAT_FORMAT, "task": TASK, "precision": "fp32"} | meta
     (out / META).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")

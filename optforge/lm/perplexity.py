@@ -10,7 +10,8 @@ stride = context // 2), the one every causal-LM row is evaluated with:
    This is the sliding-window evaluation of the transformers perplexity guide; a smaller stride gives
    more context per token (lower perplexity) at more forward passes.
 3. perplexity = exp(total negative log-likelihood / scored tokens), the NLL summed in fp32 from
-   log_softmax of the logits (fp32) the row's runnable returns.
+   log_softmax of the logits (fp32) the row's runnable returns, computed only at the positions that
+   predict scored tokens (`logits_to_keep`).
 
 `windows` is pure (tested on integers); `perplexity` runs a model.
 """
@@ -52,7 +53,9 @@ def token_stream(tokenizer, texts: list[str]) -> list[int]:
 
 def perplexity(logits_fn: Callable, stream: list[int], context: int, stride: int, device, batch_size: int = 8,
                bar: Optional[Callable] = None) -> dict:
-    """Perplexity of `stream` under `logits_fn(input_ids [B, T]) -> logits [B, T, V]` (module docstring)."""
+    """Perplexity of `stream` under `logits_fn(input_ids [B, T], keep) -> logits [B, keep, V]` of the last
+    `keep` positions (module docstring). Only the logits that predict scored tokens are asked for: with the
+    default stride, half of each window's LM-head work is skipped."""
     import torch
 
     spans = windows(len(stream), context, stride)
@@ -60,21 +63,20 @@ def perplexity(logits_fn: Callable, stream: list[int], context: int, stride: int
         raise ValueError(f"the eval stream has {len(stream)} token(s): nothing to score")
     ids = torch.tensor(stream, dtype=torch.long)
     nll, scored = 0.0, 0
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for span in spans:  # equal-length windows batch together (only the last one can be shorter)
-        groups.setdefault(span[1] - span[0], []).append(span)
+    groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for b, e, first in spans:  # windows of one length and one scored count batch together
+        groups.setdefault((e - b, e - first), []).append((b, e, first))
     progress = bar(total=len(spans), desc="perplexity", unit="window") if bar is not None else None
     with torch.inference_mode():
-        for length, group in groups.items():
+        for (_, n_scored), group in groups.items():
             for i in range(0, len(group), batch_size):
                 chunk = group[i:i + batch_size]
                 batch = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
-                logp = torch.log_softmax(logits_fn(batch).float(), dim=-1)
-                for row, (b, e, first) in enumerate(chunk):
-                    targets = batch[row, first - b:]
-                    picked = logp[row, first - b - 1:e - b - 1].gather(-1, targets[:, None])
-                    nll -= picked.sum().item()
-                    scored += len(targets)
+                # the last n_scored + 1 positions: position t predicts token t + 1; the final one predicts nothing
+                logp = torch.log_softmax(logits_fn(batch, n_scored + 1)[:, :-1].float(), dim=-1)
+                targets = batch[:, -n_scored:]
+                nll -= logp.gather(-1, targets[..., None]).sum().item()
+                scored += targets.numel()
                 if progress is not None:
                     progress.update(len(chunk))
     if progress is not None:

@@ -109,6 +109,7 @@ def assemble_lm(recipe, graph, results: dict, env: dict, recipe_path: Optional[s
     # best: the ready row whose lowest decode-speedup interval end is highest (then lower perplexity)
     best = max(ready, key=lambda r: (min((c["speedup_ci_low"] or 0.0) for c in r["decode_speedup"].values()),
                                      -(r["perplexity"] or 0.0)), default=None)
+    notes = lm_notes(rows, base)
     devices = [m["device"] for c in recipe.configs if (m := _ok(results, f"benchmark:{c.name}")).get("device")]
     bm = next((m for c in recipe.configs if (m := _ok(results, f"benchmark:{c.name}"))), {})
     proto = recipe.perplexity_protocol()
@@ -130,7 +131,27 @@ def assemble_lm(recipe, graph, results: dict, env: dict, recipe_path: Optional[s
                       "threads": bm.get("threads"), "max_seconds": recipe.benchmark.max_seconds,
                       "ci_width": recipe.benchmark.ci_width, "confidence": recipe.benchmark.confidence},
         "configs": rows,
+        "notes": notes,
     }
+
+
+def lm_notes(rows: list[dict], base: Optional[dict]) -> list[str]:
+    """What a reader of the causal-LM table could misread, said once per fact."""
+    notes = []
+    for r in rows:
+        if r["modules_skipped"]:
+            notes.append(f"`{r['name']}`: {r['modules_skipped']} module(s) kept float: shapes its method's kernels "
+                         f"do not take (e.g. an LM head whose vocabulary is not a multiple of 16 for CPU int4)")
+    grown = [r["name"] for r in rows if r["modules_quantized"] and base and base["size_mb"] and r["size_mb"]
+             and r["size_mb"] > base["size_mb"]]
+    if grown:
+        notes.append(f"{', '.join(f'`{n}`' for n in grown)}: larger on disk than the baseline: the LM head shares "
+                     f"its weights with the input embeddings in the float model; quantized, it becomes its own "
+                     f"tensor while the embeddings stay float")
+    if any(r["compiled"] for r in rows):
+        notes.append("compiled rows: perplexity is computed with the same weights run eagerly; compilation "
+                     "happens at load and on each new shape (the benchmark's warm-up, not its timings)")
+    return notes
 
 
 def view(doc: dict) -> dict:

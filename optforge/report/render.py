@@ -282,6 +282,10 @@ def render_reports(recipe, recipe_path, graph, results: dict, env: dict, out_dir
 
         graph = build_graph(recipe)
     if recipe.is_lm:
+        if compare is not None:
+            from optforge.errors import OptforgeError
+
+            raise OptforgeError("--compare reads classifier reports only; a causal-lm report cannot be compared yet")
         return write_lm_reports(assemble_lm(recipe, graph, results, env, recipe_path), out_dir, now=now)
     doc = assemble(recipe, graph, results, env, recipe_path)
     prunes = {p.name: {"method": p.method, "model": p.model, "amount": p.amount} for p in recipe.prune}

@@ -13,8 +13,9 @@ prompt length; greedy decoding, fresh KV cache per call; optforge.lm.decode):
     model  = one greedy generation of `new_tokens` tokens (its prefill included);
     tokens/s = b * new_tokens / p50 of that call.
 Speedups > 1 mean the row is faster (for decode: more tokens/s). Before each measurement every function
-runs once untimed (torch.compile traces there; it is `warmup_s`). Peak memory: above the level before the
-row's first calls (CUDA: max_memory_allocated; CPU: VmHWM - VmRSS, as the classifier benchmark).
+runs once untimed (torch.compile traces there; it is `warmup_s`). Peak memory: the largest, over the
+measurements, of the row's first calls' peak above the level before them (CUDA: max_memory_allocated; CPU:
+VmHWM - VmRSS, as the classifier benchmark), read before the baseline's calls run.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def benchmark_lm(row, base, texts: list[str], params: LMBenchmarkParams, load_s:
                            f"the model's {limit} positions")
     sync = _sync_fn(row.device)
     mem = _PeakMemory(row.device)
-    mem.reset()
+    peak = [0.0, 0.0]  # the row's peak above the level before its first calls, and the absolute peak
     sides = {"row": row} | ({"base": base} if base is not None else {})
     warmup_s = 0.0
     prompts: dict[str, dict] = {}
@@ -94,7 +95,7 @@ def benchmark_lm(row, base, texts: list[str], params: LMBenchmarkParams, load_s:
             ids = r.encode(text, length)
             fns[(side, "model")] = lambda r=r, ids=ids: r.prefill(ids)
             fns[(side, "e2e")] = lambda r=r, text=text, length=length: r.first_token(text, length)
-        warmup_s += _warm(fns, f"prompt {length}")
+        warmup_s += _warm(fns, f"prompt {length}", mem, peak)
         prompts[str(length)] = _measure(fns, params, 1, length, PROMPT_SCOPES, sync)
         log(_line(f"prompt {length}", prompts[str(length)], PROMPT_SCOPES))
     decode: dict[str, dict] = {}
@@ -105,7 +106,7 @@ def benchmark_lm(row, base, texts: list[str], params: LMBenchmarkParams, load_s:
         for side, r in sides.items():
             ids = r.encode(batch_texts, first)
             fns[(side, "model")] = lambda r=r, ids=ids: r.generate(ids, params.new_tokens)
-        warmup_s += _warm(fns, f"decode at batch {b}")
+        warmup_s += _warm(fns, f"decode at batch {b}", mem, peak)
         entry = _measure(fns, params, b, b, {"model": "decode"}, sync)
         for key in ("decode", "baseline_decode"):
             if entry.get(key):
@@ -113,7 +114,7 @@ def benchmark_lm(row, base, texts: list[str], params: LMBenchmarkParams, load_s:
         decode[str(b)] = entry
         rate = f", {entry['tokens_per_s']:.1f} tokens/s" if entry.get("tokens_per_s") else ""
         log(_line(f"decode batch {b}", entry, {"model": "decode"}) + rate)
-    peak_above, peak_total = mem.peak()
+    peak_above, peak_total = peak
     if str(row.device).startswith("cuda"):
         torch.cuda.empty_cache()
     total, nonzero = row.param_count()
@@ -128,11 +129,18 @@ def benchmark_lm(row, base, texts: list[str], params: LMBenchmarkParams, load_s:
             "prompts": prompts, "decode": decode}
 
 
-def _warm(fns: dict, what: str) -> float:
+def _warm(fns: dict, what: str, mem, peak: list) -> float:
+    """The first call of every function (compilation, lazy init; a deterministic failure -> StageFailure),
+    the row's first: its peak memory is read before the baseline's calls run (as the classifier benchmark)."""
     total = 0.0
-    for (side, scope), fn in fns.items():
-        who = "baseline " if side == "base" else ""
-        total += _first_call(fn, f"{who}{scope} at {what}")
+    mem.reset()
+    for side in ("row", "base"):
+        for (s, scope), fn in fns.items():
+            if s == side:
+                total += _first_call(fn, f"{'baseline ' if side == 'base' else ''}{scope} at {what}")
+        if side == "row":
+            above, absolute = mem.peak()
+            peak[0], peak[1] = max(peak[0], above), max(peak[1], absolute)
     return total
 
 
@@ -146,7 +154,7 @@ def _measure(fns: dict, params, batch: int, seed_part: int, names: dict, sync) -
                                     confidence=params.confidence, seed=paired.mix_seed(params.seed, seed_part), sync=sync)
     finally:
         gc.enable()
-    entry: dict = {}
+    entry: dict = {"call_s": {names[s]: _median(res["warmup_times"].get("row", {}).get(s)) for s in names}}
     for scope, name in names.items():
         entry[name] = _stats(res["times"].get("row", {}).get(scope), batch, params, None, None)
         if "base" in res["times"]:
@@ -160,8 +168,16 @@ def _measure(fns: dict, params, batch: int, seed_part: int, names: dict, sync) -
     return entry
 
 
+def _median(values) -> float | None:
+    from optforge.bench import percentile
+
+    return percentile(values, 50) if values else None
+
+
 def _line(what: str, entry: dict, names: dict) -> str:
-    parts = [f"{n} p50 {entry[n]['p50']:.2f} ms" for n in names.values() if entry.get(n)]
+    parts = [f"{n} p50 {entry[n]['p50']:.2f} ms" if entry.get(n) else
+             f"{n}: no timed call within max_seconds (a warm-up call took {entry['call_s'][n]:.2f} s; raise "
+             f"benchmark.max_seconds)" for n in names.values()]
     for n, c in (entry.get("paired") or {}).items():
         if c.get("speedup") is not None:
             ci = f" ({c['ci_low']:.2f}-{c['ci_high']:.2f})" if c.get("ci_low") is not None else ""

@@ -72,6 +72,16 @@ def test_lm_data_jsonl_field_missing_names_the_line(tmp_path, run_stage):
                   tmp_path / "out", data_files={"train": tmp_path / "t.jsonl"})
 
 
+def test_hf_corpus_without_the_datasets_package_says_how_to_get_it(monkeypatch):
+    import sys
+
+    from optforge.stages.lm_data import read_hf_texts
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(DataError, match=r"hf:Salesforce/wikitext: reading hf: datasets needs the `datasets` package"):
+        read_hf_texts("hf:Salesforce/wikitext", "train", "text")
+
+
 # --------------------------------------------------------------------------- teacher, student, distill, prune
 
 
@@ -172,9 +182,26 @@ def test_perplexity_is_the_model_loss_when_one_window_holds_the_stream():
     stream = torch.randint(0, 1000, (40,)).tolist()
     with torch.inference_mode():
         loss = model(torch.tensor([stream]), labels=torch.tensor([stream])).loss.item()
-    got = perplexity(lambda ids: model(ids).logits, stream, context=64, stride=32, device="cpu")
+    got = perplexity(lambda ids, keep: model(ids, logits_to_keep=keep).logits, stream, context=64, stride=32,
+                     device="cpu")
     assert got["tokens_scored"] == 39 and got["windows"] == 1
     assert got["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_sliding_windows_score_each_token_with_its_own_window():
+    """Many windows (the first scoring more than the others, the last shorter): the same NLL as scoring each
+    token by hand from the window that scores it."""
+    model = tiny_gpt2()
+    stream = torch.randint(0, 1000, (45,)).tolist()
+    got = perplexity(lambda ids, keep: model(ids, logits_to_keep=keep).logits, stream, context=16, stride=6,
+                     device="cpu", batch_size=3)
+    nll = 0.0
+    with torch.inference_mode():
+        for b, e, first in windows(45, 16, 6):
+            logp = torch.log_softmax(model(torch.tensor([stream[b:e]])).logits[0], -1)
+            nll -= sum(logp[p - b - 1, stream[p]].item() for p in range(first, e))
+    assert got["tokens_scored"] == 44 and got["windows"] == len(windows(45, 16, 6)) == 6
+    assert got["nll_per_token"] == pytest.approx(nll / 44, rel=1e-5)
 
 
 def test_evaluate_and_benchmark_a_quantized_row(tmp_path, run_stage, lm_data, lm_teacher):
@@ -190,7 +217,8 @@ def test_evaluate_and_benchmark_a_quantized_row(tmp_path, run_stage, lm_data, lm
     # trained for a few steps: well below the perplexity of the untrained model's first batch
     assert 1 < base["perplexity"] < math.exp(lm_teacher[1]["first_loss"]) / 2
     assert abs(ev["perplexity"] / base["perplexity"] - 1) < 0.02
-    params = {"batch_sizes": [1, 2], "prompt_lengths": [4, 8], "new_tokens": 4, "warmup": 1, "min_runs": 3,
+    # one thread: on a shared 2-core box a parallel op waits for its preempted sibling (training.configure_threads)
+    params = {"batch_sizes": [1, 2], "prompt_lengths": [4, 8], "new_tokens": 4, "warmup": 1, "min_runs": 3, "threads": 1,
               "max_seconds": 1.0, "min_rounds": 2, "baseline_config": "baseline", "baseline_precision": "fp32"}
     bm = run_stage("lm_benchmark", params, tmp_path / "b",
                    {"model": tmp_path / "q", "baseline": lm_teacher[0], "data": data_dir})
