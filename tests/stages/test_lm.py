@@ -246,3 +246,14 @@ def test_compile_decodes_like_eager_with_a_static_cache(tmp_path, run_stage, lm_
     assert m["static_cache"] and m["tokens_match"] and m["logit_max_abs_diff"] <= m["logit_diff_allowed"]
     r = load_runnable(tmp_path, "cpu")
     assert r.compiled and json.loads((tmp_path / "optforge_model.json").read_text())["base_format"] == "lm-float"
+
+
+@pytest.mark.slow
+def test_compile_a_torchao_quantized_lm(tmp_path, run_stage, lm_data, lm_teacher):
+    """int8 weight-only + torch.compile with a static cache (torchao's documented decode recipe)."""
+    q = run_stage("lm_quantize", {"method": "int8-weight-only"}, tmp_path / "q",
+                  {"model": lm_teacher[0], "data": lm_data[0]})
+    m = run_stage("lm_compile", {"mode": "default"}, tmp_path / "c", {"model": tmp_path / "q", "data": lm_data[0]},
+                  {"model": q})
+    assert m["tokens_match"] and m["logit_max_abs_diff"] <= m["logit_diff_allowed"]
+    assert json.loads((tmp_path / "c" / "optforge_model.json").read_text())["base_format"] == "lm-quantized"
