@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 from optforge.errors import OptforgeError
 from optforge.datasets import resolve_dataset_dir
 from optforge.recipe import Recipe, model_stage_name
-from optforge.stages.registry import row_steps
+from optforge.stages.registry import MODEL_KINDS, row_steps
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,26 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
     if not data.dataset.startswith("hf:"):
         base = resolve_dataset_dir(data.dataset, recipe_dir)
         files = {"train": str(base / data.train), "eval": str(base / data.eval)}
-    add(Node("data", "data", data.model_dump(mode="json"), {}, files))
-    add(Node("teacher", "teacher", recipe.teacher.model_dump(mode="json"), {"data": "data"}))
+        if data.eval_fraction is not None:  # the eval split is carved out of train
+            del files["eval"]
+    kinds = MODEL_KINDS[recipe.task]
+    add(Node("data", kinds["data"], data.model_dump(mode="json"), {}, files))
+    add(Node("teacher", kinds["teacher"], recipe.teacher.model_dump(mode="json"), {"data": "data"}))
     if recipe.student is not None:
-        add(Node("student", "student", recipe.student.model_dump(mode="json"), {"teacher": "teacher"}))
-    # the teacher's logits over the train split: computed once, the soft targets of `distill` and of every
-    # prune's `recover` (in the first of their training precisions; all share the device default unless set)
+        add(Node("student", kinds["student"], recipe.student.model_dump(mode="json"), {"teacher": "teacher"}))
+    # classifiers: the teacher's logits over the train split, computed once, are the soft targets of
+    # `distill` and of every prune's `recover` (in the first of their training precisions; all share the
+    # device default unless set). A causal LM's are per token over the vocabulary: its distill and recover
+    # run the teacher alongside (input `teacher`).
     soft = [s for s in [recipe.distill] + [p.recover for p in recipe.prune] if s is not None]
-    if soft:
-        add(Node("teacher_logits", "teacher_logits", {"precision": soft[0].precision or "fp32", "batch_size": 128},
+    stored = "teacher_logits" in kinds and bool(soft)
+    if stored:
+        add(Node("teacher_logits", kinds["teacher_logits"], {"precision": soft[0].precision or "fp32", "batch_size": 128},
                  {"teacher": "teacher", "data": "data"}))
+    soft_input = {"logits": "teacher_logits"} if stored else {"teacher": "teacher"}
     if recipe.distill is not None:
-        add(Node("distill", "distill", recipe.distill.model_dump(mode="json"),
-                 {"student": "student", "logits": "teacher_logits", "data": "data"}))
+        add(Node("distill", kinds["distill"], recipe.distill.model_dump(mode="json"),
+                 {"student": "student"} | soft_input | {"data": "data"}))
     # prune entries may prune each other; recipe validation guarantees the chain is acyclic
     pending = list(recipe.prune)
     while pending:
@@ -103,15 +110,15 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
             params = p.model_dump(mode="json", exclude={"name", "model"})
             inputs = {"model": model_stage_name(recipe, p.model), "data": "data"}
             if p.recover is not None:
-                inputs["logits"] = "teacher_logits"
-            add(Node(f"prune:{p.name}", "prune", params, inputs))
+                inputs |= soft_input
+            add(Node(f"prune:{p.name}", kinds["prune"], params, inputs))
             pending.remove(p)
         if not ready:  # unreachable after recipe validation; kept so a bug cannot loop forever
             raise OptforgeError(f"prune entries form a cycle: {[p.name for p in pending]}")
 
     # each configuration (report row): its model stage, then every registered row step that applies to it
     # (stages.base.RowStep: quantize, compile, ... make the next artifact; evaluate, benchmark measure it)
-    steps = row_steps()
+    steps = row_steps(recipe.task)
     config_model = {c.name: final_model(recipe, c, steps) for c in recipe.configs}  # the artifact a row runs
     baseline = next((c for c in recipe.configs if c.name == recipe.baseline_config), None)
     for c in recipe.configs:
@@ -126,9 +133,9 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
                 # measured in the same run as the baseline row's final artifact (benchmark: paired speedups)
                 inputs["baseline"] = config_model[baseline.name]
                 params = params | {"baseline_config": baseline.name, "baseline_precision": baseline.precision}
-            add(Node(f"{kind.kind}:{c.name}", kind.kind, params, inputs, config=c.name))
+            add(Node(f"{_stage(kind)}:{c.name}", kind.kind, params, inputs, config=c.name))
             if not step.measure:
-                src = f"{kind.kind}:{c.name}"
+                src = f"{_stage(kind)}:{c.name}"
     sb = recipe.serve_benchmark
     if sb is not None:
         # "best" is decided from the evaluate/benchmark results at run time, so every row is an input
@@ -143,13 +150,18 @@ def build_graph(recipe: Recipe, recipe_dir: Path | None = None) -> Graph:
     return Graph(toposort(nodes))
 
 
+def _stage(kind) -> str:
+    """The stage-name prefix of a row kind's stages (`quantize` for both quantize and lm_quantize)."""
+    return kind.row.stage or kind.kind
+
+
 def final_model(recipe: Recipe, c, steps) -> str:
     """The stage whose artifact configuration `c` runs: its model stage, then each artifact-making row
     step (`measure=False`) that applies to it."""
     src = model_stage_name(recipe, c.model)
     for kind in steps:
         if not kind.row.measure and kind.row.applies(recipe, c):
-            src = f"{kind.kind}:{c.name}"
+            src = f"{_stage(kind)}:{c.name}"
     return src
 
 

@@ -25,6 +25,11 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # graph (optforge.stages.onnxruntime: CPU, fp32 or ONNX Runtime dynamic int8)
 Runtime = Literal["torch", "onnxruntime"]
 DEFAULT_RUNTIME = "torch"
+# What the recipe optimizes: a text classifier (the default), or a causal language model (docs/ARCHITECTURE.md,
+# "Causal-LM recipes": perplexity instead of accuracy, prefill / decode timings instead of batch latency)
+Task = Literal["classification", "causal-lm"]
+DEFAULT_TASK = "classification"
+CAUSAL_LM = "causal-lm"
 # Derived from the method registries (optforge.methods): a new method or mode is one definition there.
 CompileMode = Literal[compile_methods.mode_names()]
 QuantMethod = Literal[tuple(quant_methods.QUANT_METHODS)]
@@ -57,6 +62,12 @@ class DataSpec(Strict):
     max_train_samples: Optional[int] = Field(None, ge=2)
     max_eval_samples: Optional[int] = Field(None, ge=2)
     seed: Seed = 0
+    # causal-lm: carve the eval split out of `train` (seeded, before any subsetting) instead of reading `eval`
+    eval_fraction: Optional[float] = Field(None, gt=0, le=0.5)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return without_unset(self, handler(self), "eval_fraction")
 
 
 # --------------------------------------------------------------------------- models
@@ -92,7 +103,8 @@ class TrainSpec(Strict):
 
 
 class RandomInitSpec(Strict):
-    """A BERT-style encoder built from a config with random weights (tests, tiny recipes)."""
+    """A model built from a config with random weights (tests, tiny recipes): a BERT-style encoder, or in a
+    causal-lm recipe a GPT-2 (optforge.lm.model.random_gpt2; `intermediate_size` is its FFN width)."""
 
     num_layers: int = Field(2, ge=1, le=48)
     hidden_size: int = Field(64, ge=8, le=4096)
@@ -115,7 +127,11 @@ class TeacherSpec(Strict):
     A checkpoint that already is a sequence classifier (its config's `architectures` name a
     `*ForSequenceClassification`: yours, or one from the Hub) is used **as is**: its own head, labels and
     weights, evaluated and optimized as given unless `finetune` is set. A bare encoder gets a new head,
-    `pooling` picks which, and is fine-tuned (`finetune` absent: the TrainSpec defaults)."""
+    `pooling` picks which, and is fine-tuned (`finetune` absent: the TrainSpec defaults).
+
+    In a causal-lm recipe `model` is loaded with AutoModelForCausalLM and used as given unless `finetune`
+    is set, and `config` is a random-init GPT-2 trained from scratch (`lm_train_spec`); `pooling`,
+    `label_map` and `trust_remote_code` are refused there."""
 
     model: Optional[str] = None
     config: Optional[RandomInitSpec] = None
@@ -161,6 +177,12 @@ class TeacherSpec(Strict):
         if twice:
             raise ValueError(f"two data labels map to the same checkpoint label {shown(twice)}")
         return v
+
+    def lm_train_spec(self) -> Optional[TrainSpec]:
+        """causal-lm: "auto" trains a random-init model (embeddings included) and uses a checkpoint as given."""
+        if self.finetune == "auto":
+            return TrainSpec(freeze_embeddings=False) if self.config is not None else None
+        return self.finetune
 
     def train_spec(self, classifier: bool) -> Optional[TrainSpec]:
         """The fine-tuning to run: "auto" means the defaults for a new head, none for a classifier."""
@@ -358,10 +380,25 @@ class BenchmarkSpec(Strict):
     min_rounds: int = Field(6, ge=2, le=1000)
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch.set_num_threads; default: all cores
     seed: Seed = 0
+    # causal-lm only (unset: LM_PROMPT_LENGTHS / LM_NEW_TOKENS): the prompt lengths prefill and time to first
+    # token are measured at, and how many tokens one decode call generates (`batch_sizes`: the decode batches)
+    prompt_lengths: Optional[list[int]] = Field(None, min_length=1)
+    new_tokens: Optional[int] = Field(None, ge=2, le=4096)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return without_unset(self, handler(self), "stream_seconds")
+        return without_unset(self, handler(self), "prompt_lengths", "new_tokens", "stream_seconds")
+
+    @field_validator("prompt_lengths")
+    @classmethod
+    def _prompts(cls, v):
+        if v is None:
+            return v
+        if any(n < 1 or n > 32768 for n in v):
+            raise ValueError(f"prompt lengths must be in 1..32768 tokens, got {shown(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"prompt lengths must be unique, got {shown(v)}")
+        return sorted(v)
 
     @property
     def stream_budget(self) -> float:
@@ -398,6 +435,12 @@ class GatesSpec(Strict):
     # max_cv: std / mean above which timing is "unstable" (a few outliers on sub-millisecond calls make
     # it 10-20% with a steady median)
     max_cv: Optional[float] = Field(None, gt=0)
+    # causal-lm: the accuracy gate is the perplexity increase over the baseline, in % (unset: LM_MAX_PPL_INCREASE)
+    max_perplexity_increase: Optional[float] = Field(None, ge=0, le=1000)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return without_unset(self, handler(self), "max_perplexity_increase")
 
 
 class ServeBenchmarkSpec(Strict):
@@ -436,6 +479,31 @@ class CacheSpec(Strict):
     @classmethod
     def _remote(cls, v):
         return None if v is None else check_remote(v)
+
+
+# causal-lm defaults of the fields above that classification recipes do not have
+LM_PROMPT_LENGTHS = [16, 64]
+LM_NEW_TOKENS = 32
+LM_MAX_PPL_INCREASE = 5.0
+
+
+class PerplexitySpec(Strict):
+    """causal-lm: how perplexity is measured (optforge.lm.perplexity, the fixed protocol). The eval texts are
+    joined into one token stream; windows of `context_length` tokens end every `stride` tokens, and each
+    window scores only the tokens the previous one did not (the first window: all but its first token), each
+    with at least context_length - stride tokens of context. The figure moves with both: compare rows of
+    one recipe only, and published numbers only at the same protocol."""
+
+    context_length: Optional[int] = Field(None, ge=8, le=32768)  # unset: data.max_length
+    stride: Optional[int] = Field(None, ge=1, le=32768)  # unset: context_length // 2
+    batch_size: int = Field(8, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.stride is not None and self.context_length is not None and self.stride >= self.context_length:
+            raise ValueError(f"stride {self.stride} must be below context_length {self.context_length}: each "
+                             f"window scores its last `stride` tokens with the tokens before them as context")
+        return self
 
 
 class PartialOf:
@@ -487,6 +555,7 @@ class MergedSectionErrors(RecipeCheckErrors):
 
 class Recipe(Strict):
     name: str = Field(pattern=NAME_RE)
+    task: Task = DEFAULT_TASK
     data: DataSpec
     teacher: TeacherSpec
     student: Optional[StudentSpec] = None
@@ -500,6 +569,26 @@ class Recipe(Strict):
     serve_benchmark: Optional[ServeBenchmarkSpec] = None
     overrides: Optional[OverridesSpec] = None  # per device: benchmark/gates/serve_benchmark/baseline
     cache: Optional[CacheSpec] = None  # a shared remote cache (optforge.remote)
+    perplexity: Optional[PerplexitySpec] = None  # causal-lm: the perplexity protocol (unset: its defaults)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """The default task and an unset `perplexity` stay out of dumps: a classification recipe hashes as it
+        did before causal-lm existed (session.env)."""
+        out = without_unset(self, handler(self), "perplexity")
+        if out.get("task") == DEFAULT_TASK:
+            del out["task"]
+        return out
+
+    @property
+    def is_lm(self) -> bool:
+        return self.task == CAUSAL_LM
+
+    def perplexity_protocol(self) -> "PerplexitySpec":
+        """The perplexity settings with their defaults resolved (causal-lm)."""
+        spec = self.perplexity or PerplexitySpec()
+        context = spec.context_length or self.data.max_length
+        return spec.model_copy(update={"context_length": context, "stride": spec.stride or max(1, context // 2)})
 
     # Cross-references are checked here so every consumer can trust them. Errors carry their key path.
     @model_validator(mode="after")
@@ -605,7 +694,8 @@ def _prune_cycles(r: Recipe, models: list[str]) -> list[tuple[tuple, str]]:
 
 def _reference_problems(r: Recipe) -> list[tuple[tuple, str]]:
     """(key path, message) for every name the recipe refers to that is missing, duplicated or reserved."""
-    out = _duplicates(r.prune, "prune", "prune") + _duplicates(r.quantize, "quantize", "quantize")
+    out = _task_problems(r)
+    out += _duplicates(r.prune, "prune", "prune") + _duplicates(r.quantize, "quantize", "quantize")
     out += _duplicates(r.configs, "config", "configs")
     if r.distill is not None and r.student is None:
         out.append((("distill",), "`distill` needs a `student` section to distill into"))
@@ -623,7 +713,7 @@ def _reference_problems(r: Recipe) -> list[tuple[tuple, str]]:
             out.append((("configs", i, "model"), _unknown("model", c.model, models)))
         if c.quantize is not None and c.quantize not in qnames:
             out.append((("configs", i, "quantize"), _unknown("quantize entry", c.quantize, qnames)))
-        if c.runtime == "onnxruntime":
+        if c.runtime == "onnxruntime" and not r.is_lm:
             out += _onnxruntime_problems(r, i, c)
     cnames = [c.name for c in r.configs]
     if r.baseline is not None and r.baseline not in cnames:
@@ -631,6 +721,59 @@ def _reference_problems(r: Recipe) -> list[tuple[tuple, str]]:
     sb = r.serve_benchmark
     if sb is not None and sb.config != "best" and sb.config not in cnames:
         out.append((("serve_benchmark", "config"), _unknown("config", sb.config, cnames + ["best"])))
+    return out
+
+
+def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
+    """What one task's recipe cannot say: classification settings in a causal-lm recipe and the other way
+    round, and what optforge does not do for causal LMs (ONNX Runtime rows, serving, structured pruning)."""
+    out: list[tuple[tuple, str]] = []
+    if not r.is_lm:
+        lm_only = [(("perplexity",), r.perplexity is not None),
+                   (("data", "eval_fraction"), r.data.eval_fraction is not None),
+                   (("benchmark", "prompt_lengths"), r.benchmark.prompt_lengths is not None),
+                   (("benchmark", "new_tokens"), r.benchmark.new_tokens is not None),
+                   (("gates", "max_perplexity_increase"), r.gates.max_perplexity_increase is not None)]
+        for path, given in lm_only:
+            if given:
+                out.append((path, f"`{path[-1]}` is for `task: causal-lm` recipes; this one is a classifier "
+                                  f"(task: {r.task}); remove it, or set task: causal-lm"))
+        return out
+    lm = "a causal-lm recipe"
+    if "label" in r.data.model_fields_set:
+        out.append((("data", "label"), f"{lm} has no labels: its data is plain text (`data.text`); remove `label`"))
+    if r.data.eval_fraction is not None and "eval" in r.data.model_fields_set:
+        out.append((("data", "eval_fraction"), "give either `eval` (a file) or `eval_fraction` (a share of "
+                                               "`train`), not both"))
+    for key in ("pooling", "label_map"):
+        if getattr(r.teacher, key) is not None:
+            out.append((("teacher", key), f"`{key}` belongs to a classifier's head; {lm} keeps the model's "
+                                          f"language-modeling head; remove it"))
+    if r.teacher.trust_remote_code:
+        out.append((("teacher", "trust_remote_code"), f"{lm} loads only architectures transformers ships "
+                                                      f"(AutoModelForCausalLM without remote code); remove it"))
+    if "max_accuracy_drop" in r.gates.model_fields_set:
+        out.append((("gates", "max_accuracy_drop"), f"{lm} is gated on perplexity: use "
+                                                    f"`max_perplexity_increase` (in %) instead"))
+    if r.serve_benchmark is not None:
+        out.append((("serve_benchmark",), f"`optforge serve` serves classifiers only; {lm} has no serving "
+                                          f"benchmark (serve causal LMs with a generation server: README)"))
+    for i, p in enumerate(r.prune):
+        if p.method != "unstructured":
+            out.append((("prune", i, "method"), f"{lm} supports `method: unstructured` pruning only (structured "
+                                                f"pruning of GPT-2 heads/FFN is not implemented)"))
+    for i, c in enumerate(r.configs):
+        if c.runtime != DEFAULT_RUNTIME:
+            out.append((("configs", i, "runtime"), f"{lm} runs in PyTorch only; use runtime: torch"))
+    proto = r.perplexity_protocol()
+    if proto.stride >= proto.context_length:
+        out.append((("perplexity", "stride"), f"stride {proto.stride} must be below the context length "
+                                              f"{proto.context_length} (perplexity.context_length, else data.max_length)"))
+    ft = r.teacher.finetune
+    if r.teacher.config is not None and isinstance(ft, TrainSpec) and ft.freeze_embeddings:
+        out.append((("teacher", "finetune", "freeze_embeddings"),
+                    "a random-init causal LM must train its token embeddings (tied to its LM head); set "
+                    "freeze_embeddings: false"))
     return out
 
 
@@ -812,3 +955,48 @@ class BenchmarkParams(BenchmarkSpec):
 class ServeBenchmarkParams(ServeBenchmarkSpec):
     baseline: str
     gates: GatesSpec
+
+
+# --------------------------------------------------------------------------- causal-lm stage parameters
+
+
+class LMCompileParams(Strict):
+    """lm_compile: the compile mode (as it resolves on the build's device) and the row's precision."""
+
+    mode: CompileMode
+    precision: Precision = "fp32"
+
+    @classmethod
+    def for_row(cls, recipe: "Recipe", c: ConfigSpec) -> dict:
+        return {"mode": c.compile, "precision": c.precision}
+
+
+class LMEvaluateParams(Strict):
+    """lm_evaluate: the row's precision and the perplexity protocol (optforge.lm.perplexity)."""
+
+    precision: Precision = "fp32"
+    context_length: int = Field(ge=8)
+    stride: int = Field(ge=1)
+    batch_size: int = Field(8, ge=1)
+
+    @classmethod
+    def for_row(cls, recipe: "Recipe", c: ConfigSpec) -> dict:
+        p = recipe.perplexity_protocol()
+        return {"precision": c.precision, "context_length": p.context_length, "stride": p.stride,
+                "batch_size": p.batch_size}
+
+
+class LMBenchmarkParams(BenchmarkSpec):
+    """lm_benchmark: the benchmark section with the causal-lm defaults filled in, plus the row's precision
+    and the baseline it is compared with (as BenchmarkParams)."""
+
+    precision: Precision = "fp32"
+    baseline_config: Optional[str] = None
+    baseline_precision: Optional[Precision] = None
+
+    @classmethod
+    def for_row(cls, recipe: "Recipe", c: ConfigSpec) -> dict:
+        b = recipe.benchmark
+        return b.model_dump(mode="json") | {
+            "prompt_lengths": b.prompt_lengths or LM_PROMPT_LENGTHS, "new_tokens": b.new_tokens or LM_NEW_TOKENS,
+            "precision": c.precision}

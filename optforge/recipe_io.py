@@ -491,6 +491,8 @@ def check_teacher_head(loaded: LoadedRecipe) -> None:
     from optforge.model_source import cached_config
 
     teacher = loaded.recipe.teacher
+    if loaded.recipe.is_lm:  # a causal LM has no classification head (recipe._task_problems refuses pooling)
+        return
     config = cached_config(teacher.model) if teacher.model is not None else None
     if config is None:
         return
@@ -514,6 +516,8 @@ def check_architectures(loaded: LoadedRecipe) -> None:
     from optforge.model_source import cached_config
 
     recipe = loaded.recipe
+    if recipe.is_lm:  # causal LMs: optforge.lm.model.LAYER_LISTS, checked by the student stage
+        return
     config = cached_config(recipe.teacher.model) if recipe.teacher.model is not None else None
     if config is None or arch.model_type(config) is None or arch.find_adapter(config) is not None:
         return

@@ -482,7 +482,7 @@ def test_templates_ship_in_the_package_and_reports_templates_overrides_them_file
     monkeypatch.chdir(tmp_path)
     assert PACKAGED == Path(optforge.report.__file__).resolve().parent / "templates"  # package data
     assert sorted(p.name for p in PACKAGED.glob("*.j2")) == [
-        "_serving.html.j2", "_serving.md.j2", "report.html.j2", "report.md.j2"]
+        "_serving.html.j2", "_serving.md.j2", "lm_report.html.j2", "lm_report.md.j2", "report.html.j2", "report.md.j2"]
     assert search_path() == [PACKAGED]
     packaged_md = render(tmp_path, name="packaged")[0].read_text()
 

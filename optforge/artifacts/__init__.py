@@ -10,6 +10,7 @@ An artifact is a directory with `optforge_model.json` whose "format" names its k
   aoti                 optforge.artifacts.compiled   compile (AOTInductor package)
   compiled             optforge.artifacts.compiled   compile (torch.compile + Inductor cache artifacts)
   onnx                 optforge.artifacts.onnx       onnxruntime (an ONNX graph ONNX Runtime runs, fp32 or int8)
+  lm-float/-quantized/-compiled  optforge.artifacts.lm  the causal-LM stages (lm_*): an LMRunnable
 
 Each module has `load(artifact_dir, device, precision) -> Runnable`. Importing this package imports no
 torch; the format's module is imported when an artifact of that format is loaded.
@@ -29,6 +30,10 @@ FORMATS: dict[str, str] = {  # format -> module with `load`
     "aoti": "optforge.artifacts.compiled",
     "compiled": "optforge.artifacts.compiled",
     "onnx": "optforge.artifacts.onnx",
+    # causal LMs (task: causal-lm): an LMRunnable (generate, prefill, logits) instead of a classifier's Runnable
+    "lm-float": "optforge.artifacts.lm",
+    "lm-quantized": "optforge.artifacts.lm",
+    "lm-compiled": "optforge.artifacts.lm",
 }
 
 

@@ -59,6 +59,12 @@ class QuantMethod:
     def apply(self, model, params: BaseModel, device: str) -> dict:
         raise NotImplementedError
 
+    def accepts(self, linear, params: BaseModel, device: str) -> bool:
+        """Whether this method's kernels take a Linear of this shape. In a causal LM (`QuantScope`) one it
+        does not take stays float and counts as skipped; in a classifier's encoder the kernel's error is the
+        row's StageFailure, as before."""
+        return True
+
     def compute_precision_for(self, precision: str) -> str:
         return self.compute_precision or precision
 
@@ -107,9 +113,19 @@ def option_fields() -> dict[str, object]:
 
 
 def _encoder_linears(model):
+    """The Linears a method quantizes: those of `model.encoder`. A classifier's encoder is its base model
+    (the head stays float); a causal LM is handed over as `QuantScope(lm)`, so every projection and the LM
+    head are in scope."""
     from torch import nn
 
     return [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+
+
+class QuantScope:
+    """What a causal LM is quantized as: `encoder` is the whole model (optforge.lm)."""
+
+    def __init__(self, module):
+        self.encoder = module
 
 
 def _torch_dynamic(model, qconfig, dtype) -> dict:
@@ -128,15 +144,16 @@ def _torch_dynamic(model, qconfig, dtype) -> dict:
     return {"quantized": len(before) - len(after), "skipped": len(after)}
 
 
-def _torchao(model, config) -> dict:
-    """torchao `quantize_` over the encoder's Linears; a Linear torchao leaves alone counts as skipped."""
+def _torchao(model, config, accepts=lambda linear: True) -> dict:
+    """torchao `quantize_` over the encoder's Linears that `accepts` takes; a Linear left alone counts as
+    skipped."""
     from torch import nn
     from torchao.quantization import quantize_
     from torchao.utils import TorchAOBaseTensor
 
     before = _encoder_linears(model)
-    inside = {id(m) for m in before}  # the encoder's (base model's) Linears, whatever their qualified names
-    quantize_(model, config, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and id(mod) in inside)
+    inside = {id(m) for m in before if accepts(m)}  # the encoder's (base model's) Linears, whatever their names
+    quantize_(model.encoder, config, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and id(mod) in inside)
     done = sum(1 for m in before if isinstance(m.weight, TorchAOBaseTensor))
     return {"quantized": done, "skipped": len(before) - done}
 
@@ -242,19 +259,27 @@ class Int4WeightOnly(QuantMethod):
     def precision_reason(self, precision, device, allowed):
         return f"int4-weight-only on CUDA (tinygemm) computes in bf16; got precision {precision} (use bf16)"
 
+    def accepts(self, linear, params, device):
+        # the CPU packing (_convert_weight_to_int4pack_cpu) raises on out_features % 16 (a GPT-2 vocabulary
+        # of 50257 in the LM head); both layouts need whole groups along in_features
+        return linear.in_features % params.group_size == 0 and (device != "cpu" or linear.out_features % 16 == 0)
+
     def apply(self, model, params, device):
+        def accepts(linear):  # a causal LM's head of 50257 outputs stays float; a classifier's misfit still fails
+            return not isinstance(model, QuantScope) or self.accepts(linear, params, device)
+
         if device == "cpu":
             from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
             if params.group_size not in (32, 64, 128):
                 raise StageFailure(f"int4-weight-only on CPU supports group_size 32, 64 or 128, got {params.group_size}")
             return _torchao(model, PrototypeInt4WeightOnlyConfig(group_size=params.group_size,
-                                                                 set_inductor_config=False))
+                                                                 set_inductor_config=False), accepts)
         from torchao.quantization import Int4WeightOnlyConfig
 
         return _torchao(model, Int4WeightOnlyConfig(group_size=params.group_size,
                                                     int4_packing_format="tile_packed_to_4d",
-                                                    set_inductor_config=False))
+                                                    set_inductor_config=False), accepts)
 
 
 @register

@@ -16,6 +16,8 @@ from optforge.methods.quantize import QUANT_METHODS
 from optforge.report import fmt
 from optforge.report.compare import compare as compare_docs
 from optforge.report.compare import load_previous
+from optforge.report.lm import assemble_lm
+from optforge.report.lm import view as lm_view
 from optforge.report.notes import build_notes
 from optforge.report.results import assemble
 from optforge.report.serving import serving_view
@@ -279,6 +281,12 @@ def render_reports(recipe, recipe_path, graph, results: dict, env: dict, out_dir
         from optforge.graph import build_graph
 
         graph = build_graph(recipe)
+    if recipe.is_lm:
+        if compare is not None:
+            from optforge.errors import OptforgeError
+
+            raise OptforgeError("--compare reads classifier reports only; a causal-lm report cannot be compared yet")
+        return write_lm_reports(assemble_lm(recipe, graph, results, env, recipe_path), out_dir, now=now)
     doc = assemble(recipe, graph, results, env, recipe_path)
     prunes = {p.name: {"method": p.method, "model": p.model, "amount": p.amount} for p in recipe.prune}
     return write_reports(doc, prunes, out_dir, compare, now=now)
@@ -306,6 +314,20 @@ def write_reports(doc: dict, prunes: dict, out_dir, compare=None, *,
     _write(paths["md"], md_env.get_template("report.md.j2").render(**view))
     _write(paths["html"], html_env.get_template("report.html.j2").render(**view, chart=chart, chart_batch=first,
                                                                          build_date=date))
+    _write(paths["json"], results_json(doc))
+    return [paths["md"], paths["html"], paths["json"]]
+
+
+def write_lm_reports(doc: dict, out_dir, *, now: Optional[_dt.datetime] = None) -> list[Path]:
+    """report.md, report.html and results.json of a causal-lm results document (report.lm)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_env, html_env = _environments()
+    v = lm_view(doc)
+    date = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
+    paths = {"md": out_dir / "report.md", "html": out_dir / "report.html", "json": out_dir / "results.json"}
+    _write(paths["md"], md_env.get_template("lm_report.md.j2").render(**v))
+    _write(paths["html"], html_env.get_template("lm_report.html.j2").render(**v, build_date=date))
     _write(paths["json"], results_json(doc))
     return [paths["md"], paths["html"], paths["json"]]
 

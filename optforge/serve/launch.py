@@ -20,6 +20,11 @@ def resolve_artifact(session, plans, config: str, display: str, action: str = "s
     """(config name, artifact dir, precision, why) for `config` (a name or "best") of a built recipe.
     `action` ("serve", "export") is the verb the errors use."""
     recipe, graph = session.recipe, session.graph
+    if recipe.is_lm:
+        raise OptforgeError(f"{display} is a causal-LM recipe: optforge {action} handles classifiers only. Its rows "
+                            f"are in the cache as transformers directories (float rows: AutoModelForCausalLM."
+                            f"from_pretrained) or torchao-quantized state dicts; serve them with a generation "
+                            f"server (README, \"Causal LMs\")")
     names = [c.name for c in recipe.configs]
     why = None
     if config == "best":

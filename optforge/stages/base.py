@@ -36,6 +36,9 @@ class RowStep:
     params: Callable[[Any, Any], dict]
     needs_data: bool = False
     compares: bool = False
+    # the stage-name prefix in the graph (`<stage>:<config>`); None: the kind. The causal-lm kinds
+    # (lm_quantize, ...) name their stages as the classifier kinds do (quantize:<config>, ...)
+    stage: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class StageKind:
     # cache artifacts): the lock file, outside the cache, records each such entry's digest, and an entry
     # whose digest differs is rebuilt, never loaded (optforge.plan: "output does not match the digest").
     holds_code: bool = False
+    # the recipe task whose graphs use this kind (optforge.recipe.Task); optforge.graph picks kinds by it
+    task: str = "classification"
 
 
 @dataclass

@@ -25,6 +25,24 @@ _KINDS: dict[str, str] = {
     "evaluate": "optforge.stages.evaluate:KIND",
     "benchmark": "optforge.stages.benchmark:KIND",
     "serve_benchmark": "optforge.stages.serve_benchmark:KIND",
+    # task: causal-lm (optforge.graph names their stages as the classifier kinds': teacher, quantize:<c>, ...)
+    "lm_data": "optforge.stages.lm_data:KIND",
+    "lm_teacher": "optforge.stages.lm_teacher:KIND",
+    "lm_student": "optforge.stages.lm_student:KIND",
+    "lm_distill": "optforge.stages.lm_distill:KIND",
+    "lm_prune": "optforge.stages.lm_prune:KIND",
+    "lm_quantize": "optforge.stages.lm_quantize:KIND",
+    "lm_compile": "optforge.stages.lm_compile:KIND",
+    "lm_evaluate": "optforge.stages.lm_evaluate:KIND",
+    "lm_benchmark": "optforge.stages.lm_benchmark:KIND",
+}
+
+# task -> the kind each model stage of its graph runs (the row stages come from `row_steps(task)`)
+MODEL_KINDS: dict[str, dict[str, str]] = {
+    "classification": {"data": "data", "teacher": "teacher", "student": "student",
+                       "teacher_logits": "teacher_logits", "distill": "distill", "prune": "prune"},
+    "causal-lm": {"data": "lm_data", "teacher": "lm_teacher", "student": "lm_student", "distill": "lm_distill",
+                  "prune": "lm_prune"},
 }
 
 
@@ -37,14 +55,15 @@ def register(kind: str, target: str) -> None:
     _KINDS[kind] = target
 
 
-def row_steps() -> list[StageKind]:
-    """The kinds a configuration runs, in row order (imports every registered stage module; no torch)."""
+def row_steps(task: str = "classification") -> list[StageKind]:
+    """The kinds a configuration of a `task` recipe runs, in row order (imports every registered stage
+    module; no torch)."""
     kinds = [get_kind(k) for k in _KINDS]
-    return sorted((k for k in kinds if k.row is not None), key=lambda k: k.row.order)
+    return sorted((k for k in kinds if k.row is not None and k.task == task), key=lambda k: k.row.order)
 
 
-def row_kinds() -> frozenset[str]:
-    return frozenset(k.kind for k in row_steps())
+def row_kinds(task: str = "classification") -> frozenset[str]:
+    return frozenset(k.kind for k in row_steps(task))
 
 
 def get_kind(kind: str) -> StageKind:

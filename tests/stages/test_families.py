@@ -79,8 +79,11 @@ def test_student_from_layers_then_distill(teacher, run_stage, tmp_path):
     for new, old in ((0, 0), (1, 2)):
         s_state, t_state = modeling.encoder_layers(student)[new].state_dict(), t_layers[old].state_dict()
         assert s_state.keys() == t_state.keys() and all(torch.equal(s_state[k], t_state[k]) for k in s_state)
+    lm = run_stage("teacher_logits", {"precision": "fp32"}, tmp_path / "l", {"teacher": teacher_dir, "data": data_dir},
+                   {"data": data_metrics})
+    assert lm["examples"] == data_metrics["train_size"]
     d = run_stage("distill", {"epochs": 0.25, "batch_size": 32}, tmp_path / "d",
-                  {"student": tmp_path / "s", "teacher": teacher_dir, "data": data_dir}, {"data": data_metrics})
+                  {"student": tmp_path / "s", "logits": tmp_path / "l", "data": data_dir}, {"data": data_metrics})
     assert d["steps"] == 2 and d["params"] == m["params"]
     distilled, _, _ = modeling.load_classifier(tmp_path / "d")
     assert torch.isfinite(_logits(distilled, tokenizer)).all()
