@@ -89,7 +89,7 @@ def test_param_count_size_and_flops(artifact):
 def test_unknown_format_lists_the_known_ones(artifact, tmp_path):
     meta = json.loads((artifact[0] / "optforge_model.json").read_text())
     (tmp_path / "optforge_model.json").write_text(json.dumps(meta | {"format": "tflite"}))
-    with pytest.raises(OptforgeError, match=r"unknown model format 'tflite' \(known: aoti, compiled, float, onnx"):
+    with pytest.raises(OptforgeError, match=r"unknown model format 'tflite' \(known: aoti, compiled, float, lm-compiled, lm-float, lm-quantized, onnx"):
         load_runnable(tmp_path, "cpu")
     with pytest.raises(OptforgeError, match="not an optforge model artifact"):
         load_runnable(tmp_path / "nothing", "cpu")

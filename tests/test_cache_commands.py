@@ -50,7 +50,7 @@ def test_gc_after_the_project_moved_removes_nothing_until_told(toy, optforge_env
     assert "--forget-missing" in result.stderr and len(list(Cache().keys())) == n
 
     new_recipe = moved / "recipes" / "toy.yaml"
-    assert invoke("build", new_recipe, "--device", "cpu").stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert invoke("build", new_recipe, "--device", "cpu").stdout.splitlines()[-1] == "nothing to do: 21 stages fresh"
     assert invoke("gc").exit_code == 2  # the old path is still registered and still missing
     forgot = invoke("gc", "--forget-missing")
     assert forgot.exit_code == 0, forgot.output
@@ -113,7 +113,7 @@ def test_tiny_yaml_and_tiny_yml_keep_separate_state(toy):
     assert read_lock(toy.with_name("toy.lock"))["recipe"] == "toy"
     assert read_lock(toy.with_name("toy.yml.lock"))["recipe"] == "toy2"
     plan = invoke("plan", toy, "--device", "cpu")
-    assert plan.stdout.splitlines()[-1] == "0 stale, 20 fresh"  # toy.yml's build did not overwrite its record
+    assert plan.stdout.splitlines()[-1] == "0 stale, 21 fresh"  # toy.yml's build did not overwrite its record
 
 
 # --------------------------------------------------------------------------- an unwritable cache
@@ -222,7 +222,7 @@ def test_recipes_sharing_a_compiled_stage_do_not_rebuild_it_in_turn(toy):
     lock["stages"]["compile:compiled"]["digest"] = Cache().state(key).digest  # ...and what toy recorded
     toy.with_suffix(".lock").write_text(json.dumps(lock))
     twin_build = invoke("build", twin, "--device", "cpu")
-    assert twin_build.stdout.splitlines()[-1] == "nothing to do: 20 stages fresh"
+    assert twin_build.stdout.splitlines()[-1] == "nothing to do: 21 stages fresh"
     assert read_lock(twin.with_suffix(".lock"))["stages"]["compile:compiled"]["digest"] == Cache().state(key).digest
 
 
@@ -241,4 +241,4 @@ def test_two_recipes_sharing_a_slow_stage_build_it_once(cli, toy, optforge_env):
     assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
     assert f"waiting for teacher (being built by pid {first.pid})" in second.stdout
     ran = runs.read_text().splitlines()
-    assert sorted(ran) == sorted(set(ran)) and len(ran) == 20  # every stage ran once, in one build or the other
+    assert sorted(ran) == sorted(set(ran)) and len(ran) == 21  # every stage ran once, in one build or the other

@@ -244,7 +244,7 @@ def test_hardware_bound_entries_never_cross_devices(machines):
     other = probe_cpu() | {"name": "Another CPU Model"}
     write_json_atomic(b.cache.root / "device.json", {f"{_boot_id()}|cpu|": other})
     result = b.build(remote=machines.remote)
-    assert kinds_of(result.pulled) == {"data", "teacher", "student", "distill", "prune"}  # trained: shared
+    assert kinds_of(result.pulled) == {"data", "teacher", "student", "teacher_logits", "distill", "prune"}  # trained: shared
     assert kinds_of(result.ran) == {"evaluate", "benchmark", "quantize", "compile"}  # measured here
     assert len(result.pulled) + len(result.ran) == 21
     assert not result.logs  # kept apart by their keys (the device is in them), not by a refused manifest
@@ -370,10 +370,11 @@ def test_push_and_pull_commands(machines, monkeypatch):
     pulled = invoke("pull", b.recipe, "--device", "cpu", "--until", "distill", env={"OPTFORGE_REMOTE": machines.remote})
     assert pulled.exit_code == 0, pulled.output
     assert pulled.stdout.splitlines() == ["pulled      data", "pulled      teacher", "pulled      student",
-                                          "pulled      distill", f"pull {machines.remote}: 4 pulled"]
+                                          "pulled      teacher_logits", "pulled      distill",
+                                          f"pull {machines.remote}: 5 pulled"]
     plan = invoke("plan", b.recipe, "--device", "cpu")
-    assert [line.split()[:2] for line in plan.stdout.splitlines()[:4]] == [
-        ["fresh", "data"], ["fresh", "teacher"], ["fresh", "student"], ["fresh", "distill"]]
+    assert [line.split()[:2] for line in plan.stdout.splitlines()[:5]] == [
+        ["fresh", "data"], ["fresh", "teacher"], ["fresh", "student"], ["fresh", "teacher_logits"], ["fresh", "distill"]]
 
 
 def test_remote_errors_are_one_line(machines, monkeypatch):
