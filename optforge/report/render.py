@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -337,6 +338,9 @@ def results_json(doc: dict) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomic replace through a temporary name of this process's own: two builds that end together (a
+    `--wait` build right behind the one it waited for) each render the report without taking the other's
+    temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
