@@ -237,7 +237,7 @@ def load_tokenizer(artifact_dir):
     return AutoTokenizer.from_pretrained(str(artifact_dir / "tokenizer"))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_compile_decodes_like_eager_with_a_static_cache(tmp_path, run_stage, lm_data, lm_teacher):
     """torch.compile of prefill and decode (StaticCache): ~30 s of Inductor compilation on a 2-core CPU."""
     from optforge.artifacts import load_runnable
@@ -248,7 +248,7 @@ def test_compile_decodes_like_eager_with_a_static_cache(tmp_path, run_stage, lm_
     assert r.compiled and json.loads((tmp_path / "optforge_model.json").read_text())["base_format"] == "lm-float"
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_compile_a_torchao_quantized_lm(tmp_path, run_stage, lm_data, lm_teacher):
     """int8 weight-only + torch.compile with a static cache (torchao's documented decode recipe)."""
     q = run_stage("lm_quantize", {"method": "int8-weight-only"}, tmp_path / "q",
