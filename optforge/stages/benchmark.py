@@ -325,16 +325,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline
                 warmup_s += _first_call(fn, f"baseline {what} at batch {b}")
 
         fns = {(side, scope): fn for side, scopes in sides.items() for scope, (_, fn) in scopes.items()}
-        # The collector runs before, not during, the measurement: garbage from one call would otherwise be
-        # billed to a random later one (and to either side of a ratio).
-        gc.collect()
-        gc.disable()
-        try:
-            res = paired.measure_paired(fns, warmup=params.warmup, max_seconds=params.max_seconds,
-                                        ci_width=params.ci_width, min_rounds=params.min_rounds,
-                                        confidence=params.confidence, seed=paired.mix_seed(params.seed, b), sync=sync)
-        finally:
-            gc.enable()
+        res = measure_paired(fns, params, b, sync)
         warmup_s += res["warmup_s"]
         stats = {side: {scope: _stats(res["times"].get(side, {}).get(scope), b, params, flops, peak_flops)
                         for scope in paired.SCOPES} for side in sides}
@@ -390,6 +381,22 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline
                      if baseline is not None else None),
         "batches": batches,
     }
+
+
+def measure_paired(fns: dict, params, seed_part: int, sync) -> dict:
+    """`paired.measure_paired` with a recipe's benchmark settings, the seed mixed with `seed_part` (a batch
+    size), and the garbage collector run before, not during, the measurement: garbage from one call would
+    otherwise be billed to a random later one (and to either side of a ratio). Shared by the causal-LM
+    benchmark (stages/lm_benchmark.py)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return paired.measure_paired(fns, warmup=params.warmup, max_seconds=params.max_seconds,
+                                     ci_width=params.ci_width, min_rounds=params.min_rounds,
+                                     confidence=params.confidence, seed=paired.mix_seed(params.seed, seed_part),
+                                     sync=sync)
+    finally:
+        gc.enable()
 
 
 def _stats(times: Optional[list[float]], b: int, params: BenchmarkParams, flops, peak_flops) -> Optional[dict]:

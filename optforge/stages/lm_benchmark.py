@@ -20,14 +20,12 @@ VmHWM - VmRSS, as the classifier benchmark), read before the baseline's calls ru
 
 from __future__ import annotations
 
-import gc
 import time
 
-from optforge import paired
 from optforge.errors import StageFailure
 from optforge.recipe import LMBenchmarkParams
 from optforge.stages.base import RowStep, StageContext, StageKind
-from optforge.stages.benchmark import METHOD, PAIRED_KEYS, RUN_KEYS, _first_call, _stats
+from optforge.stages.benchmark import METHOD, PAIRED_KEYS, RUN_KEYS, _first_call, _stats, measure_paired
 
 PROMPT_SCOPES = {"model": "prefill", "e2e": "ttft"}
 
@@ -146,14 +144,7 @@ def _warm(fns: dict, what: str, mem, peak: list) -> float:
 
 def _measure(fns: dict, params, batch: int, seed_part: int, names: dict, sync) -> dict:
     """One paired measurement -> {name: STATS, baseline_<name>: STATS, paired: {name: ...}, paired_run|run}."""
-    gc.collect()
-    gc.disable()
-    try:
-        res = paired.measure_paired(fns, warmup=params.warmup, max_seconds=params.max_seconds,
-                                    ci_width=params.ci_width, min_rounds=params.min_rounds,
-                                    confidence=params.confidence, seed=paired.mix_seed(params.seed, seed_part), sync=sync)
-    finally:
-        gc.enable()
+    res = measure_paired(fns, params, seed_part, sync)
     entry: dict = {"call_s": {names[s]: _median(res["warmup_times"].get("row", {}).get(s)) for s in names}}
     for scope, name in names.items():
         entry[name] = _stats(res["times"].get("row", {}).get(scope), batch, params, None, None)

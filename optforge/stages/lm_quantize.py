@@ -18,6 +18,7 @@ from pathlib import Path
 from optforge.errors import StageFailure, kernel_failure
 from optforge.recipe import QuantizeParams
 from optforge.stages.base import RowStep, StageContext, StageKind
+from optforge.stages.quantize import _row_params
 
 CALIBRATION_TOKENS = 64
 
@@ -106,11 +107,6 @@ def run(ctx: StageContext) -> dict:
             f"{counts['skipped']} kept float ({converted} Conv1D converted), {metrics['size_mb_before']:.1f} -> "
             f"{metrics['size_mb_after']:.1f} MB, next-token agreement {agreement:.3f}")
     return metrics
-
-
-def _row_params(recipe, c) -> dict:
-    step = next(q for q in recipe.quantize if q.name == c.quantize)
-    return QuantizeParams.for_step(step, c.precision)
 
 
 KIND = StageKind(kind="lm_quantize", version="1", params_model=QuantizeParams, run=run, hardware_bound=True,
