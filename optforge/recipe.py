@@ -96,10 +96,15 @@ class TrainSpec(Strict):
     # build device's default (device.default_train_precision: bf16 on a CUDA GPU and on a CPU with
     # AVX512_BF16/AMX, else fp32), resolved before keying (Recipe.with_train_precision): it enters the key
     precision: Optional[Literal["fp32", "bf16"]] = None
+    # The word-embedding table's gradient when it is trained: "dense" (unset: every row, AdamW) or "sparse"
+    # (only the rows of the batch's tokens, torch.optim.SparseAdam: "lazy" Adam, no weight decay on that
+    # table). Sparse skips the vocab x hidden update of rows the batch did not touch: README "Training
+    # precision and speed" gives the measured step times and accuracies
+    embedding_grad: Optional[Literal["dense", "sparse"]] = None
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        return without_unset(self, handler(self), "precision")
+        return without_unset(self, handler(self), "precision", "embedding_grad")
 
 
 class RandomInitSpec(Strict):

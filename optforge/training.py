@@ -62,14 +62,55 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1 - alpha) * hard
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases and LayerNorm weights (1-d tensors).
-    The fused kernel on CUDA and on CPU (one pass over each parameter: on a 2-core Xeon about 10% faster
-    steps than the multi-tensor one, more with the word embeddings trained)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, exclude: tuple = ()) -> torch.optim.AdamW:
+    """AdamW over trainable parameters (but `exclude`); no weight decay on biases and LayerNorm weights
+    (1-d tensors). The fused kernel on CUDA and on CPU (one pass over each parameter: on a 2-core Xeon about
+    10% faster steps than the multi-tensor one, more with the word embeddings trained)."""
+    skip = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def word_embeddings(model: nn.Module) -> list[nn.Embedding]:
+    """The trainable word-embedding tables (`*word_embeddings` nn.Embedding modules) of `model`."""
+    return [m for name, m in model.named_modules()
+            if name.endswith("word_embeddings") and isinstance(m, nn.Embedding) and m.weight.requires_grad]
+
+
+def make_optimizers(model: nn.Module, spec) -> list[torch.optim.Optimizer]:
+    """The optimizers of a training run: AdamW over everything, or with `spec.embedding_grad == "sparse"`
+    AdamW over everything but the trained word-embedding tables, which get sparse gradients (only the rows
+    of the batch's tokens) and torch.optim.SparseAdam. Measured on the 2-core Xeon (bf16 autocast, batch
+    64): the 3-layer student's step 18% faster, the 6-layer teacher's within noise."""
+    tables = word_embeddings(model) if getattr(spec, "embedding_grad", None) == "sparse" else []
+    for table in tables:
+        table.sparse = True
+    optimizers: list[torch.optim.Optimizer] = [
+        make_optimizer(model, spec.lr, spec.weight_decay, exclude=tuple(t.weight for t in tables))]
+    if tables:
+        optimizers.append(torch.optim.SparseAdam([t.weight for t in tables], lr=spec.lr))
+    return optimizers
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (total 2-norm over all gradients) that also takes sparse gradients
+    (a sparse embedding table's: coalesced, its values scaled)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    sparse = [g for g in grads if g.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    for p in model.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g._values() if g.is_sparse else g).mul_(coef)
+    return total
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -123,10 +164,10 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     model.to(device).train()
     if spec.freeze_embeddings:
         freeze_word_embeddings(model)
-    optimizer = make_optimizer(model, spec.lr, spec.weight_decay)
+    optimizers = make_optimizers(model, spec)
     per_epoch = math.ceil(len(ids) / spec.batch_size)
     total = max(1, math.ceil(spec.epochs * per_epoch))
-    scheduler = linear_schedule(optimizer, int(spec.warmup * total), total)
+    schedulers = [linear_schedule(o, int(spec.warmup * total), total) for o in optimizers]
     lengths = [len(s) for s in ids]
     rng = random.Random(spec.seed)
     labels_t = torch.tensor(labels, dtype=torch.long)
@@ -177,10 +218,11 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
                 else:
                     loss = distillation_loss(logits, teacher_logits[index], y, temperature, alpha)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                clip_grad_norm(model, 1.0)
+                for optimizer, scheduler in zip(optimizers, schedulers):
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 pending.append(loss.detach())
                 steps += 1
                 seen += len(batch)
@@ -190,6 +232,8 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     elapsed = time.perf_counter() - start
     if progress is not None:
         progress.close()
+    for table in word_embeddings(model):
+        table.sparse = False  # a training-time choice: the saved and evaluated model is the usual one
     model.eval()
     tail = losses[-max(1, min(50, len(losses) // 10)):]
     return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
