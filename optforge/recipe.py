@@ -102,6 +102,14 @@ class TrainSpec(Strict):
     # precision and speed" gives the measured step times and accuracies
     embedding_grad: Optional[Literal["dense", "sparse"]] = None
 
+    @model_validator(mode="after")
+    def _sparse_needs_trained_embeddings(self):
+        if self.embedding_grad == "sparse" and self.freeze_embeddings:
+            raise ValueError("embedding_grad: sparse changes how the word embeddings are trained, but "
+                             "freeze_embeddings is true (the default), so they are not trained: set "
+                             "freeze_embeddings: false, or remove embedding_grad")
+        return self
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         return without_unset(self, handler(self), "precision", "embedding_grad")

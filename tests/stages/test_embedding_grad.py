@@ -19,9 +19,11 @@ LABELS = [0, 1, 0, 1] * 4
 def test_unset_leaves_the_dump_unchanged_and_bad_values_are_refused():
     assert "embedding_grad" not in TrainSpec().model_dump(mode="json")
     assert "embedding_grad" not in DistillSpec().model_dump(mode="json")
-    assert DistillSpec(embedding_grad="sparse").model_dump(mode="json")["embedding_grad"] == "sparse"
+    assert DistillSpec(embedding_grad="sparse", freeze_embeddings=False).model_dump(mode="json")["embedding_grad"] == "sparse"
     with pytest.raises(ValidationError, match="embedding_grad"):
         TrainSpec(embedding_grad="lazy")
+    with pytest.raises(ValidationError, match="freeze_embeddings is true"):
+        DistillSpec(embedding_grad="sparse")  # frozen by default: a sparse gradient would change nothing
 
 
 def _train(embedding_grad):
