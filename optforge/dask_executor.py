@@ -26,6 +26,7 @@ import dask
 import distributed
 
 from optforge.errors import ExecutorError, OptforgeError, one_line
+from optforge.quiet import quiet_imports, quieted
 from optforge.stage_job import CPU_BENCH, GPU, Attempt, StageJob, run_job
 
 MAX_LOCAL_CPU_WORKERS = 4
@@ -59,11 +60,13 @@ def missing_resources(needs: dict[str, dict[str, int]], offered: list[dict]) -> 
     return None
 
 
-def _work(job: StageJob) -> Attempt:
-    """The task: the stage in this worker (its logs on the worker's stderr)."""
+def _work(job: StageJob, quiet: bool) -> Attempt:
+    """The task: the stage in this worker (its logs on the worker's stderr; import noise dropped as the
+    build's CLI drops it, unless `optforge --verbose`)."""
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    quiet_imports(verbose=not quiet)
     return run_job(job, say, say)
 
 
@@ -119,7 +122,7 @@ class DaskExecutor:
                                        name="optforge")
 
     def submit(self, job: StageJob) -> None:
-        future = self.client.submit(_work, job, key=f"{job.name}-{uuid.uuid4().hex[:12]}", pure=False,
+        future = self.client.submit(_work, job, quieted(), key=f"{job.name}-{uuid.uuid4().hex[:12]}", pure=False,
                                     resources=job.resources or None, retries=0)
         self.futures[future] = job.name
 
