@@ -144,14 +144,23 @@ def plan(recipe, as_json, verify, device):
 @click.option("--push/--no-push", default=None,
               help="Upload every stage this build runs to the remote cache (default: the recipe's cache.push, "
                    "else no). A failed upload is a warning and exit status 2; the results stay in the local cache.")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local: this process runs the stale stages one at a time. dask: independent stages run at "
+                   "once as tasks on a Dask cluster (pip install 'optforge[dask]'); benchmarks never share "
+                   "a machine with another stage.")
+@click.option("--address", metavar="ADDR", default=None,
+              help="The Dask scheduler to use (tcp://host:8786); its workers may be on other machines, so "
+                   "entries travel through the remote cache. Default: a local cluster for this build.")
 @user_errors
-def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code, remote, push):
+def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_code, remote, push, executor,
+          address):
     """Run the stale stages, then render the report. With a remote cache, a stale stage whose key the
     remote has is downloaded and checked (size and sha256 of every file) instead of run."""
     from optforge.run import build as run_build
 
     result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
                        keep_going=keep_going, wait=wait, display=recipe, remote=remote, push=push,
+                       executor=executor, address=address,
                        trust_remote_code=trust_remote_code or dry_run)  # a dry run loads no model
     sys.exit(result.exit_code)
 

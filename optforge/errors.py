@@ -54,6 +54,11 @@ class RemoteError(CacheError):
     credentials (optforge.remote_url.redact)."""
 
 
+class ExecutorError(OptforgeError):
+    """`--executor` / `--address`: an engine that is not installed, a scheduler that does not answer, a
+    cluster whose workers cannot run a stage (optforge.executors)."""
+
+
 class StageFailure(OptforgeError):
     """An *expected*, deterministic failure of one stage (e.g. a quantization method that does not
     support this shape or device). It is recorded in the cache like a result, so a rebuild does not

@@ -1,6 +1,6 @@
 """Progress of a long loop (training steps, a teacher's logits, evaluation) where no terminal shows a bar.
 
-On a terminal a stage's `ctx.bar(...)` is a tqdm bar (optforge.run.stage_progress picks). In a log (CI,
+On a terminal a stage's `ctx.bar(...)` is a tqdm bar (`stage_progress` below picks). In a log (CI,
 `nohup`, a pipe) a bar prints nothing useful, so `LineProgress` prints one line every `interval` seconds
 instead:
 
@@ -169,3 +169,23 @@ class LineProgress:
         label = self.desc or "progress"
         print(f"{self.prefix}{label}: {text}", file=self.file, flush=True)
         self.printed = True
+
+
+def stage_progress(stage: str, file: Optional[TextIO] = None, interval: float = DEFAULT_INTERVAL_S,
+                   clock: Callable[[], float] = time.monotonic, bars: bool = True) -> Callable:
+    """StageContext.progress for stage `stage`: on a terminal a tqdm bar (shown only after a second);
+    elsewhere (a log, a pipe) a progress line every `interval` seconds (optforge.progress.LineProgress).
+    `file`: where it goes (sys.stderr, as it is when a bar starts). `bars=False`: lines even on a terminal
+    (stages running side by side in Dask workers would draw their bars over each other)."""
+
+    def progress(iterable=None, total=None, desc: str = "", unit: str = "step"):
+        stream = file or sys.stderr
+        if bars and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            return tqdm(iterable=iterable, total=total, desc=f"{stage} {desc}".strip(), unit=unit, file=stream,
+                        leave=False, delay=1.0, dynamic_ncols=True)
+        return LineProgress(iterable, total, desc or stage, unit, prefix=f"  [{stage}] ", file=stream,
+                            interval=interval, clock=clock)
+
+    return progress

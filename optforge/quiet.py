@@ -49,6 +49,11 @@ def quiet_imports(verbose: bool = False) -> None:
             logger.addFilter(noise_filter)  # adding it twice keeps one
 
 
+def quieted() -> bool:
+    """Whether this process drops the import noise (what a Dask worker running its stages should do too)."""
+    return all(f in logging.getLogger(name).filters for name, f in _FILTERS.items())
+
+
 @contextlib.contextmanager
 def dropped(marker: str, logger: str = ""):
     """For the duration, records of `logger` (default: the root logger) whose message holds `marker` are

@@ -17,28 +17,31 @@ The lock file is rewritten after every stage, so a killed build keeps what it co
 wall time goes to the cache's timings.json (optforge.timings), what the next `plan` expects it to take.
 Long loops inside a stage report progress (`stage_progress`). Nothing here imports torch: stage runners
 do, and only when a stage actually runs.
+
+Who runs a stale stage is the executor's business (optforge.executors: this process, one at a time in
+plan order, by default; `--executor dask`: every ready stage at once on a Dask cluster); what its outcome
+means (the lock file, the report's results, the printed line, the exit status) is decided here, in the
+build's own process, the same for every executor.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Callable, Optional
 
 from optforge import timings
 from optforge.cache import Cache
-from optforge.errors import OptforgeError, RemoteError, StageFailure
+from optforge.errors import ExecutorError, RemoteError
+from optforge.executors import Executor, LocalExecutor, executor_for
 from optforge.lockfile import write_lock
 from optforge.plan import StagePlan, select, skipped_below
-from optforge.progress import DEFAULT_INTERVAL_S, LineProgress, interval_from_env
+from optforge.progress import interval_from_env
 from optforge.remote import Remote
 from optforge.session import Session, open_session, render, stage_results
-from optforge.stages.base import StageContext
+from optforge.stage_job import PUBLISHED, Attempt, StageJob
 from optforge.sync import pull_stage, push_stage, remote_setting
 
 
@@ -48,25 +51,6 @@ def _stderr(msg: str) -> None:
 
 def _stdout(msg: str) -> None:
     print(msg, flush=True)
-
-
-def stage_progress(stage: str, file: Optional[TextIO] = None, interval: float = DEFAULT_INTERVAL_S,
-                   clock: Callable[[], float] = time.monotonic) -> Callable:
-    """StageContext.progress for stage `stage`: on a terminal a tqdm bar (shown only after a second);
-    elsewhere (a log, a pipe) a progress line every `interval` seconds (optforge.progress.LineProgress).
-    `file`: where it goes (sys.stderr, as it is when a bar starts)."""
-
-    def progress(iterable=None, total=None, desc: str = "", unit: str = "step"):
-        stream = file or sys.stderr
-        if getattr(stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            return tqdm(iterable=iterable, total=total, desc=f"{stage} {desc}".strip(), unit=unit, file=stream,
-                        leave=False, delay=1.0, dynamic_ncols=True)
-        return LineProgress(iterable, total, desc or stage, unit, prefix=f"  [{stage}] ", file=stream,
-                            interval=interval, clock=clock)
-
-    return progress
 
 
 @dataclass
@@ -125,7 +109,11 @@ def verify_all(session: Session, plans: list[StagePlan]) -> None:
                 p.status, p.reasons, p.entry = "stale", [f"output corrupted: {state.reason}"], state
 
 
-class Executor:
+class Build:
+    """One build's bookkeeping: which selected stage is ready, skipped, cached or handed to the executor,
+    and what each outcome means for the lock file, the report and the printed lines. Only this process
+    writes them, whichever executor runs the stages (optforge.executors)."""
+
     def __init__(self, session: Session, plans: list[StagePlan], selected: set[str], force: set[str],
                  keep_going: bool, echo: Callable[[str], None], log: Callable[[str], None],
                  progress: Optional[float], remote: Optional[Remote] = None, push: bool = False):
@@ -134,38 +122,121 @@ class Executor:
         self.s, self.plans, self.selected, self.force = session, plans, selected, force
         self.keep_going, self.echo, self.log, self.progress = keep_going, echo, log, progress
         self.remote, self.push = remote, push
-        self.keys = {p.name: p.key for p in plans}
+        self.by_name = {p.name: p for p in plans}
         self.result = BuildResult()
-        self.device_checked = False
         self.sealed: set[str] = set()  # keys sealed by this build (equal stages run once)
         self.unusable: set[str] = set()  # stages that failed or were skipped in this build
+        self.on_remote: set[str] = set()  # keys this build saw published on the remote (own_cache inputs)
 
-    def run(self) -> BuildResult:
+    def run(self, executor: Executor) -> BuildResult:
+        """Hand every stale selected stage to `executor` once its inputs are done: one at a time in plan
+        order (a sequential executor: what a local build always did), or all that are ready at once."""
         r = self.result
-        for p in self.plans:
-            if p.name not in self.selected:
-                continue
-            if r.crashed and not self.keep_going:
-                r.not_run.append(p.name)
-                continue
-            blocked = skipped_below(self.s.graph, self.unusable, [p.name], self.s.kinds)
-            if blocked:
-                self._outcome(p, "skipped", reason=blocked[p.name])
-                r.skipped.append(p.name)
-                self.echo(f"{'skipped':<8}{p.name} ({blocked[p.name]})")
-                continue
-            if p.key in self.sealed:  # an equal stage of this build made it
-                self._cached(p, self.s.cache.state(p.key))
-            elif p.status == "fresh":
-                self._cached(p, p.entry)
-            else:
-                self._run(p)
+        pending = [p for p in self.plans if p.name in self.selected]
+        done: set[str] = set()
+        running: dict[str, StagePlan] = {}
+        while pending or running:
+            for p in list(pending):
+                if r.crashed and not self.keep_going:  # stop: nothing new starts; what runs finishes
+                    r.not_run.extend(q.name for q in pending)
+                    pending.clear()
+                    break
+                if any(dep not in done for dep in self.s.graph[p.name].inputs.values()):
+                    continue
+                if any(q.key == p.key for q in running.values()):
+                    continue  # an equal stage is being made: use its entry when it is
+                pending.remove(p)
+                if not self._settle(p):
+                    executor.submit(self._job(p, executor))
+                    running[p.name] = p
+                    if not executor.concurrent:
+                        break
+                else:
+                    done.add(p.name)
+            if running:
+                for attempt in executor.wait():
+                    self._finish(running.pop(attempt.name), attempt, executor)
+                    done.add(attempt.name)
+            elif pending:  # nothing runs and nothing can start: our bug (a cycle the graph check missed?)
+                raise RuntimeError(f"no selected stage can start: {[p.name for p in pending]}")
         gone = set(self.s.lock) - set(self.s.graph.names())
         if gone:  # stages the recipe no longer has: forget them so gc can reclaim their entries
             for name in gone:
                 del self.s.lock[name]
             write_lock(self.s.lock_file, self.s.name, dict(self.s.lock))
         return r
+
+    def _settle(self, p: StagePlan) -> bool:
+        """Whatever needs no executor: skipped below a failure, made by an equal stage of this build, or
+        fresh. False: `p` must run."""
+        blocked = skipped_below(self.s.graph, self.unusable, [p.name], self.s.kinds)
+        if blocked:
+            self._outcome(p, "skipped", reason=blocked[p.name])
+            self.result.skipped.append(p.name)
+            self.echo(f"{'skipped':<8}{p.name} ({blocked[p.name]})")
+        elif p.key in self.sealed:  # an equal stage of this build made it
+            self._cached(p, self.s.cache.state(p.key))
+        elif p.status == "fresh":
+            self._cached(p, p.entry)
+        else:
+            return False
+        return True
+
+    def _job(self, p: StagePlan, executor: Executor) -> StageJob:
+        usable = {role: dep for role, dep in self.s.graph[p.name].inputs.items() if dep not in self.unusable}
+        inputs = {role: self.by_name[dep] for role, dep in usable.items()}
+        metrics = {role: self.result.outcomes.get(d.name, {}).get("metrics") or
+                   (self.s.cache.manifest(d.key) or {}).get("metrics", {}) for role, d in inputs.items()}
+        if executor.own_cache:
+            self._publish_inputs(inputs.values())
+        return StageJob(self.s, p, inputs, metrics, forced=p.name in self.force, remote=self.remote,
+                        push=self.push and executor.concurrent, own_cache=executor.own_cache,
+                        progress=self.progress, bars=not executor.concurrent, machine_lock=executor.concurrent)
+
+    def _publish_inputs(self, inputs) -> None:
+        """Workers elsewhere read inputs from the remote: publish those this build has and it lacks."""
+        for d in inputs:
+            if d.key in self.on_remote:
+                continue
+            try:
+                outcome = push_stage(self.s, d, self.remote)
+            except RemoteError as e:
+                self.log(f"warning: input {d.name} was not published: {e}")
+                continue
+            if outcome in PUBLISHED:
+                self.on_remote.add(d.key)
+
+    def _finish(self, p: StagePlan, attempt: Attempt, executor: Executor) -> None:
+        """Record what the executor made of `p`."""
+        if executor.own_cache and attempt.action in ("ran", "failed"):
+            attempt = self._fetch(p, attempt)
+        if attempt.action == "cached":
+            self._cached(p, attempt.state)
+        elif attempt.action == "pulled":
+            self._pulled(p, attempt.state)
+        elif attempt.action == "crashed":
+            self._crashed(p, attempt)
+        else:
+            self._ran(p, attempt)
+
+    def _fetch(self, p: StagePlan, attempt: Attempt) -> Attempt:
+        """A worker elsewhere published `p`'s entry: pull it here (a crash if it does not come back whole).
+        The digest the worker reports is recorded first: an entry that holds code comes from the remote
+        only when the lock file vouches for it (optforge.sync.distrust)."""
+        self.on_remote.add(p.key)
+        self._record(p, attempt.state)
+        notes: list[str] = []
+        with self.s.cache.key_lock(p.key):
+            try:
+                state = pull_stage(self.s, p, self.remote, notes.append)
+            except RemoteError as e:
+                state, notes = None, [str(e)]
+        if state is None or state.digest != attempt.state.digest:
+            why = "; ".join(notes) or "the remote entry is not the one the worker sealed"
+            return Attempt(p.name, "crashed", reason=f"its entry did not come back from the remote cache: {why}",
+                           user_error=True)
+        attempt.state = state
+        return attempt
 
     def _outcome(self, p: StagePlan, status: str, metrics=None, reason=None) -> None:
         self.result.outcomes[p.name] = {"status": status, "metrics": metrics or {}, "reason": reason,
@@ -197,42 +268,7 @@ class Executor:
             self.echo(f"{'cached':<8}{p.name}")
         self._record(p, state)
 
-    def _check_device(self) -> None:
-        if self.s.device == "cuda" and not self.device_checked:
-            import torch  # only now: a stage is about to run and will import it anyway
-
-            if not torch.cuda.is_available():
-                raise OptforgeError("device cuda was selected (an NVIDIA driver is present) but "
-                                    "torch.cuda.is_available() is False; pass --device cpu")
-        self.device_checked = True
-
-    def _run(self, p: StagePlan) -> None:
-        """Run a stale stage, unless another build makes the same entry: then wait for it and use it."""
-        def waiting(pid: str) -> None:
-            self.echo(f"waiting for {p.name} (being built by pid {pid})")
-
-        with self.s.cache.key_lock(p.key, on_wait=waiting):
-            if p.name not in self.force:
-                state = self.s.cache.state(p.key)
-                if state.status in ("ok", "failed") and state.digest != p.entry.digest:
-                    # sealed since the plan (by another build): a new entry, not the one the plan distrusted
-                    self._cached(p, state)
-                    return
-                if self.remote is not None and self._pull(p):
-                    return
-            self._run_stage(p)
-
-    def _pull(self, p: StagePlan) -> bool:
-        """Take `p`'s entry from the remote cache instead of running it (optforge.sync.pull_stage); False
-        when the remote has no usable one, or stops answering (then the stage runs here)."""
-        warn = lambda msg: self.log(f"warning: {msg}; running it here")  # noqa: E731
-        try:
-            state = pull_stage(self.s, p, self.remote, warn)
-        except RemoteError as e:
-            warn(str(e))
-            return False
-        if state is None or state.status not in ("ok", "failed"):
-            return False
+    def _pulled(self, p: StagePlan, state) -> None:
         self.sealed.add(p.key)
         self._outcome(p, state.status, state.metrics, state.reason)
         self.result.pulled.append(p.name)
@@ -241,81 +277,54 @@ class Executor:
         self._record(p, state)
         recorded = f" (a recorded failure: {state.reason})" if state.status == "failed" else ""
         self.echo(f"{'pulled':<8}{p.name}{recorded}")
-        return True
 
-    def _push(self, p: StagePlan) -> None:
-        """Upload the entry this build just sealed; a failure is a warning (the build goes on) and exit 2."""
-        if not self.push or self.remote is None:
-            return
-        try:
-            outcome = push_stage(self.s, p, self.remote)
-        except RemoteError as e:
-            self.result.push_failed.append(p.name)
-            self.log(f"warning: {p.name} was not pushed: {e}")
-            return
-        if outcome in ("published", "repaired", "present"):
-            self.result.pushed.append(p.name)
-        else:  # "damaged here": the entry just sealed no longer verifies (optforge.sync.push_stage)
-            self.result.push_failed.append(p.name)
-            self.log(f"warning: {p.name} was not pushed: its entry here is {outcome}")
+    def _crashed(self, p: StagePlan, attempt: Attempt) -> None:
+        if attempt.traceback:
+            print(attempt.traceback, end="", file=sys.stderr, flush=True)
+        if attempt.user_error:
+            self.result.user_errors.append(p.name)
+        self._outcome(p, "failed", reason=attempt.reason)
+        self.result.failed.append(p.name)
+        self.result.crashed.append(p.name)
+        self.echo(f"{'failed':<8}{p.name}: {attempt.reason}")
+        self._record(p, error=attempt.reason)
 
-    def _run_stage(self, p: StagePlan) -> None:
-        cache, node, kind = self.s.cache, self.s.graph[p.name], self.s.kinds[p.kind]
-        cache.check_writable(p.key)  # before the work, not after it: an unwritable cache is a CacheError
-        self._check_device()
-        usable = {role: dep for role, dep in node.inputs.items() if dep not in self.unusable}
-        inputs = {role: cache.entry_dir(self.keys[dep]) for role, dep in usable.items()}
-        input_metrics = {role: self.result.outcomes.get(dep, {}).get("metrics") or
-                         (cache.manifest(self.keys[dep]) or {}).get("metrics", {})
-                         for role, dep in usable.items()}
-        tmp = cache.new_tmp()
-        ctx = StageContext(name=p.name, kind=p.kind, params=self.s.params[p.name], inputs=inputs,
-                           input_metrics=input_metrics, out=tmp, device=self.s.device,
-                           data_files={role: Path(f) for role, f in node.data_files.items()},
-                           progress=None if self.progress is None else stage_progress(p.name, interval=self.progress),
-                           log=lambda msg, _n=p.name: self.log(f"  [{_n}] {msg}"))
-        t0 = time.perf_counter()
-        try:
-            metrics = kind.run(ctx) or {}
-            json.dumps(metrics)  # must be JSON-able: the manifest and the report read it
-        except StageFailure as e:
-            state = cache.commit(tmp, p.key, status="failed", metrics={}, reason=str(e), kind=p.kind,
-                                 stage=p.name, replace=True)
-            self._timed(p, time.perf_counter() - t0)
-            self.sealed.add(p.key)
+    def _ran(self, p: StagePlan, attempt: Attempt) -> None:
+        """A stage that ran: sealed ok, or a StageFailure sealed as a failed entry."""
+        state = attempt.state
+        self._timed(p, attempt.seconds)
+        self.sealed.add(p.key)
+        if attempt.action == "failed":
             self._outcome(p, "failed", reason=state.reason)
             self.result.failed.append(p.name)
             self._record(p, state)
             self.echo(f"{'failed':<8}{p.name}: {state.reason}")
-            self._push(p)
+        else:
+            self._outcome(p, "ok", state.metrics)
+            self.result.ran.append(p.name)
+            self._record(p, state)  # before the line: whoever sees "ran X" can rely on the lock file having X
+            self.echo(f"{'ran':<8}{p.name}  {attempt.seconds:.1f}s")
+        self._pushed(p, attempt)
+
+    def _pushed(self, p: StagePlan, attempt: Attempt) -> None:
+        """Upload the entry this build just sealed (unless the executor did); a failure is a warning (the
+        build goes on) and exit 2."""
+        if not self.push or self.remote is None:
             return
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: leave at once
-                raise
-            if isinstance(e, OptforgeError):  # e.g. DataError: the user's to fix, so no traceback
-                reason = str(e)
-                self.result.user_errors.append(p.name)
-            else:
-                reason = f"{type(e).__name__}: {e}"
-                traceback.print_exc(file=sys.stderr)
-            self._outcome(p, "failed", reason=reason)
-            self.result.failed.append(p.name)
-            self.result.crashed.append(p.name)
-            self.echo(f"{'failed':<8}{p.name}: {reason}")
-            self._record(p, error=reason)
-            return
-        # replace whatever is there: it was forced, damaged or distrusted (else the stage would not have run)
-        state = cache.commit(tmp, p.key, status="ok", metrics=metrics, reason=None, kind=p.kind,
-                             stage=p.name, replace=True)
-        dt = time.perf_counter() - t0
-        self._timed(p, dt)
-        self.sealed.add(p.key)
-        self._outcome(p, "ok", state.metrics or metrics)
-        self.result.ran.append(p.name)
-        self._record(p, state)  # before the line: whoever sees "ran X" can rely on the lock file having X
-        self.echo(f"{'ran':<8}{p.name}  {dt:.1f}s")
-        self._push(p)
+        outcome, error = attempt.pushed, attempt.push_error
+        if outcome is None and error is None:
+            try:
+                outcome = push_stage(self.s, p, self.remote)
+            except RemoteError as e:
+                error = str(e)
+        if error is not None:
+            self.result.push_failed.append(p.name)
+            self.log(f"warning: {p.name} was not pushed: {error}")
+        elif outcome in PUBLISHED:
+            self.result.pushed.append(p.name)
+        else:  # "damaged here": the entry just sealed no longer verifies (optforge.sync.push_stage)
+            self.result.push_failed.append(p.name)
+            self.log(f"warning: {p.name} was not pushed: its entry here is {outcome}")
 
     def _timed(self, p: StagePlan, seconds: float) -> None:
         """What the stage took, sealing its entry included: what the next `plan` expects it to take."""
@@ -357,25 +366,31 @@ def dry_run_lines(plans: list[StagePlan], selected: set[str]) -> list[str]:
 
 def build(recipe: Path | str, *, device: str = "auto", cache: Cache | None = None, display: str | None = None,
           trust_remote_code: Optional[bool] = None, remote: Optional[str] = None, push: Optional[bool] = None,
-          **options) -> BuildResult:
+          executor: str = "local", address: Optional[str] = None, **options) -> BuildResult:
     """`optforge build`: load and check the recipe, then `execute` it (options: see `execute`;
     `trust_remote_code`: see `open_session`; `remote`, `push`: the --remote and --push/--no-push flags,
-    resolved with $OPTFORGE_REMOTE and the recipe's `cache` by optforge.sync.remote_setting)."""
+    resolved with $OPTFORGE_REMOTE and the recipe's `cache` by optforge.sync.remote_setting; `executor`,
+    `address`: --executor local|dask and --address, optforge.executors.executor_for)."""
     t0 = time.perf_counter()
     session = open_session(recipe, device, cache, display, trust_remote_code=trust_remote_code)
     setting = remote_setting(session.recipe, remote, push=push)
+    echo, log = options.get("echo", _stdout), options.get("log", _stderr)
     return execute(session, started=t0, remote=Remote(setting.url) if setting else None,
-                   push=bool(setting and setting.push), **options)
+                   push=bool(setting and setting.push),
+                   executor=executor_for(executor, address, session.device, echo, log), **options)
 
 
 def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run: bool = False,
             keep_going: bool = False, wait: bool = False, echo: Callable[[str], None] = _stdout,
             log: Callable[[str], None] = _stderr, progress: bool = True, render_report: bool = True,
-            started: Optional[float] = None, remote: Optional[Remote] = None, push: bool = False) -> BuildResult:
+            started: Optional[float] = None, remote: Optional[Remote] = None, push: bool = False,
+            executor: Optional[Executor] = None) -> BuildResult:
     """Build `session`'s stale stages (dry_run: only say which). `progress`: long loops show a tqdm bar on a
     terminal, else a line every $OPTFORGE_PROGRESS_INTERVAL seconds on stderr; False: nothing. `remote`:
     a remote cache to read stale stages through (contacted only when a stage is stale: RemoteError when
-    it does not answer then); `push`: upload what this build runs to it."""
+    it does not answer then); `push`: upload what this build runs to it. `executor`: who runs the stale
+    stages (optforge.executors; default: this process, one at a time), started only when one is stale."""
+    executor = executor or LocalExecutor(echo, log)
     t0 = started if started is not None else time.perf_counter()
     force = set(force)
     selected = select(session.graph, until)
@@ -389,12 +404,22 @@ def execute(session: Session, *, force=(), until: Optional[str] = None, dry_run:
         session.reload_lock()  # under the lock: another build of this recipe may have just finished
         plans = session.plan(force)
         session.cache.register(session.lock_file)
-        if any(p.status == "stale" for p in plans if p.name in selected):
-            if remote is not None:
-                remote.probe()  # an unreachable remote or refused credentials: one line, before any work
-            session.cache.sweep_tmp()
-            verify_inputs(session, plans, selected)
-        result = Executor(session, plans, selected, force, keep_going, echo, log, interval, remote, push).run()
+        try:
+            stale = [p for p in plans if p.name in selected and p.status == "stale"]
+            if stale:
+                if executor.own_cache and remote is None:
+                    raise ExecutorError("workers on other machines (--address) get their inputs and return "
+                                        "their outputs through a remote cache: name one (--remote URL, "
+                                        "$OPTFORGE_REMOTE or the recipe's cache.remote)")
+                if remote is not None:
+                    remote.probe()  # an unreachable remote or refused credentials: one line, before any work
+                session.cache.sweep_tmp()
+                verify_inputs(session, plans, selected)  # may make more stages stale
+                executor.start({p.name: StageJob(session, p, {}, {}).resources
+                                for p in plans if p.name in selected and p.status == "stale"})
+            result = Build(session, plans, selected, force, keep_going, echo, log, interval, remote, push).run(executor)
+        finally:
+            executor.close()
         session.save_hashes()
     result.seconds = time.perf_counter() - t0
     result.summary = _summary(result)

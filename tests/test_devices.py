@@ -49,12 +49,12 @@ def line_of(text: str, snippet: str) -> int:
 def fake_gpu(monkeypatch):
     """`--device cuda` resolves, both device probes are fixed, and no stage asks torch for a GPU."""
     import optforge.device
-    import optforge.run
     import optforge.session
+    import optforge.stage_job
 
     monkeypatch.setattr(optforge.device, "nvidia_gpu_present", lambda: True)
     monkeypatch.setattr(optforge.session, "device_fingerprint", lambda device, root: {"kind": device, "name": "test"})
-    monkeypatch.setattr(optforge.run.Executor, "_check_device", lambda self: None)
+    monkeypatch.setattr(optforge.stage_job, "check_device", lambda device: None)
 
 
 def test_rows_are_filtered_per_device(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from optforge.errors import OptforgeError
 from optforge.progress import (DEFAULT_INTERVAL_S, ENV_INTERVAL, LineProgress, fmt_duration, fmt_rate,
                                interval_from_env)
-from optforge.run import stage_progress
+from optforge.progress import stage_progress
 from optforge.stages.base import StageContext
 
 

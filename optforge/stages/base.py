@@ -48,6 +48,9 @@ class StageKind:
     params_model: type[BaseModel]
     run: Callable[["StageContext"], dict]
     hardware_bound: bool = False  # device fingerprint enters the key (compile, benchmark...)
+    # Its metrics are timings (benchmark, serve_benchmark, lm_benchmark): a distributed build runs it with
+    # the machine to itself, never beside another stage (optforge.stage_job.machine_share)
+    measures_time: bool = False
     uses_torch: bool = True  # torch/transformers/torchao versions enter the key
     libraries: tuple[str, ...] = ()  # other libraries whose installed versions enter the key (onnxruntime...)
     # Runs even when some inputs failed or were skipped, and is handed only the inputs that succeeded
@@ -72,7 +75,7 @@ class StageContext:
     out: Path  # empty directory; everything the stage produces goes here
     device: str  # "cpu" | "cuda"
     data_files: dict[str, Path] = field(default_factory=dict)  # role -> data file (fingerprinted)
-    # progress(iterable=None, total=None, desc=str, unit=str) -> tqdm-like (optforge.run.stage_progress)
+    # progress(iterable=None, total=None, desc=str, unit=str) -> tqdm-like (optforge.progress.stage_progress)
     progress: Optional[Callable[..., Any]] = None
     log: Callable[[str], None] = print
 

@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> dict:
 
 
 KIND = StageKind(kind="benchmark", version="4", params_model=BenchmarkParams, run=run, hardware_bound=True,
-                 row=RowStep(order=110, measure=True, applies=lambda recipe, c: True,
+                 measures_time=True, row=RowStep(order=110, measure=True, applies=lambda recipe, c: True,
                              params=lambda recipe, c: recipe.benchmark.model_dump(mode="json") | {"precision": c.precision},
                              needs_data=True, compares=True))
 

@@ -177,6 +177,6 @@ def _line(what: str, entry: dict, names: dict) -> str:
 
 
 KIND = StageKind(kind="lm_benchmark", version="1", params_model=LMBenchmarkParams, run=run, hardware_bound=True,
-                 task="causal-lm",
+                 measures_time=True, task="causal-lm",
                  row=RowStep(order=110, measure=True, applies=lambda recipe, c: True,
                              params=LMBenchmarkParams.for_row, needs_data=True, compares=True, stage="benchmark"))

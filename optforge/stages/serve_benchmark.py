@@ -212,5 +212,5 @@ class ChildServer:
         self.log.close()
 
 
-KIND = StageKind("serve_benchmark", "1", ServeBenchmarkParams, run, hardware_bound=True,
+KIND = StageKind("serve_benchmark", "1", ServeBenchmarkParams, run, hardware_bound=True, measures_time=True,
                  tolerates_failed_inputs=True)

@@ -23,7 +23,7 @@ def _run_stage(kind: str, params: dict, out: Path, inputs: dict | None = None,
               input_metrics: dict | None = None, data_files: dict | None = None, device: str = "cpu",
               progress=None) -> dict:
     """Validate `params` with the kind's model and call its run() the way the engine does (`progress`:
-    what StageContext.bar calls, e.g. optforge.run.stage_progress(...); None: no progress)."""
+    what StageContext.bar calls, e.g. optforge.progress.stage_progress(...); None: no progress)."""
     k = get_kind(kind)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,7 @@ def test_distill_reports_each_of_its_loops(tiny_teacher, toy_data, run_stage, tm
     import io
     import re
 
-    from optforge.run import stage_progress
+    from optforge.progress import stage_progress
 
     data_dir, data_metrics = toy_data
     run_stage("student", {"from_teacher": {"layers": [0]}}, tmp_path / "student", {"teacher": tiny_teacher[0]})
