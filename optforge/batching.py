@@ -33,3 +33,17 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Deterministic length-sorted batches for inference (least padding)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
+
+
+def shard_batch(batch: Sequence[int], rank: int, world: int) -> tuple[list[int], float]:
+    """Rank `rank` of `world` data-parallel processes: its share of `batch` and the weight of its mean loss.
+
+    Strided (rank r takes members r, r + world, ...), so on a length-sorted batch every share spans the
+    whole length range and the ranks pad to about the same width. The weight, len(share) * world / len(batch),
+    makes the ranks' averaged gradients (DDP divides their sum by `world`) the gradient of the mean loss
+    over the whole batch, however unevenly it splits. A rank whose share is empty (a last batch smaller
+    than `world`) runs the batch's first member at weight 0: it joins the gradient all-reduce, adding zero."""
+    share = list(batch[rank::world])
+    if not share:
+        return list(batch[:1]), 0.0
+    return share, len(share) * world / len(batch)

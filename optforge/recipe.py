@@ -82,6 +82,19 @@ def without_unset(model: BaseModel, dumped: dict, *fields: str) -> dict:
     return dumped
 
 
+def without_unkeyed(model: BaseModel, dumped: dict, info, **defaults) -> dict:
+    """`dumped` without the fields that say how a stage runs, not what it computes (`TrainSpec.devices`):
+    `defaults` maps each to its default. With the KEY_COMPAT context (stage keys, the lock file's record of
+    them, the recipe hash) they are always left out: changing one reuses the cached result. In any other
+    dump (the graph's stage parameters, which the stage reads) they stay unless at their default, so a
+    recipe that does not set them dumps as it did before they existed."""
+    keyed = bool(info.context and info.context.get("key_compat"))
+    for name, default in defaults.items():
+        if keyed or getattr(model, name) == default:
+            dumped.pop(name, None)
+    return dumped
+
+
 class TrainSpec(Strict):
     """Fine-tuning hyper-parameters shared by teacher fine-tuning, distillation and prune recovery."""
 
@@ -98,8 +111,8 @@ class TrainSpec(Strict):
     precision: Optional[Literal["fp32", "bf16"]] = None
     # The word-embedding table's gradient when it is trained: "dense" (unset: every row, AdamW) or "sparse"
     # (only the rows of the batch's tokens, torch.optim.SparseAdam: "lazy" Adam, no weight decay on that
-    # table). Sparse skips the vocab x hidden update of rows the batch did not touch: README "Training
-    # precision and speed" gives the measured step times and accuracies
+    # table). Sparse skips the vocab x hidden update of rows the batch did not touch: README "Choosing the
+    # defaults" gives the measured step times and accuracies. Single-device training only
     embedding_grad: Optional[Literal["dense", "sparse"]] = None
 
     @model_validator(mode="after")
@@ -108,11 +121,30 @@ class TrainSpec(Strict):
             raise ValueError("embedding_grad: sparse changes how the word embeddings are trained, but "
                              "freeze_embeddings is true (the default), so they are not trained: set "
                              "freeze_embeddings: false, or remove embedding_grad")
+        if self.embedding_grad == "sparse" and self.devices > 1:
+            raise ValueError(f"embedding_grad: sparse trains on one device only (data-parallel all-reduce of a "
+                             f"sparse gradient is not supported by NCCL), but devices is {self.devices}")
         return self
 
+    # Data-parallel processes (optforge.distributed): N GPUs on CUDA (NCCL), N processes on a CPU (gloo). Each
+    # takes batch_size/N of every batch, so the batches and optimizer steps are those of one device: the
+    # same training up to the order of float sums. Not in the key (`without_unkeyed`): it names how the
+    # model is trained, not what; $OPTFORGE_TRAIN_DEVICES overrides it at build time
+    devices: int = Field(1, ge=1, le=64)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_fit_batch(cls, v, info):
+        batch = info.data.get("batch_size")  # absent when itself invalid: that error is reported at batch_size
+        if batch is not None and v > batch:
+            raise ValueError(f"devices {v} exceeds batch_size {batch}: each device takes batch_size/devices "
+                             f"examples of every batch; use at most {batch} devices or a larger batch_size")
+        return v
+
     @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        return without_unset(self, handler(self), "precision", "embedding_grad")
+    def _dump(self, handler, info):
+        return without_unkeyed(self, without_unset(self, handler(self), "precision", "embedding_grad"), info,
+                               devices=1)
 
 
 class RandomInitSpec(Strict):
@@ -782,12 +814,23 @@ def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
     if proto.stride >= proto.context_length:
         out.append((("perplexity", "stride"), f"stride {proto.stride} must be below the context length "
                                               f"{proto.context_length} (perplexity.context_length, else data.max_length)"))
+    for path, spec in _train_specs(r):
+        if spec.devices > 1:
+            out.append((path + ("devices",), f"{lm} trains on one device (optforge.lm.train); data-parallel "
+                                              f"`devices` is for classification recipes; remove it"))
     ft = r.teacher.finetune
     if r.teacher.config is not None and isinstance(ft, TrainSpec) and ft.freeze_embeddings:
         out.append((("teacher", "finetune", "freeze_embeddings"),
                     "a random-init causal LM must train its token embeddings (tied to its LM head); set "
                     "freeze_embeddings: false"))
     return out
+
+
+def _train_specs(r: Recipe) -> list[tuple[tuple, TrainSpec]]:
+    """(key path, spec) of every training spec the recipe writes: teacher finetune, distill, prune recovers."""
+    specs = [(("teacher", "finetune"), r.teacher.finetune), (("distill",), r.distill)]
+    specs += [(("prune", i, "recover"), p.recover) for i, p in enumerate(r.prune)]
+    return [(path, spec) for path, spec in specs if isinstance(spec, TrainSpec)]
 
 
 def _onnxruntime_problems(r: Recipe, i: int, c: ConfigSpec) -> list[tuple[tuple, str]]:

@@ -49,7 +49,8 @@ class Session:
         infos = {k: KindInfo(v.version, v.hardware_bound, v.uses_torch, v.tolerates_failed_inputs,
                              tuple(library_versions(v.libraries).items()) if v.libraries else ())
                  for k, v in self.kinds.items()}
-        params = {n: p.model_dump(mode="json") for n, p in self.params.items()}
+        # what enters keys: without the fields that say how a stage runs (recipe.without_unkeyed)
+        params = {n: p.model_dump(mode="json", context=KEY_COMPAT) for n, p in self.params.items()}
         data_paths = {n.name: dict(n.data_files) for n in self.graph.nodes if n.data_files}
         return plan_stages(self.graph, infos, params, self.data_sha, self.versions, self.device_fp,
                            self.lock, self.cache.state, frozenset(force), data_paths, str(self.lock_file),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optforge.batching import length_bucketed_batches, sorted_batches
+from optforge.batching import length_bucketed_batches, shard_batch, sorted_batches
 from optforge.metrics import classification_metrics
 from optforge.tokens import pad_batch, tokenize
 
@@ -155,13 +155,28 @@ def no_cudnn_attention():
 
 def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, device: str, pad_id: int,
           teacher_logits: Optional[torch.Tensor] = None, temperature: float = 1.0, alpha: float = 0.0,
-          bar: Optional[Callable] = None, desc: str = "train") -> dict:
+          bar: Optional[Callable] = None, desc: str = "train", rank=None) -> dict:
     """Train `model` in place on pre-tokenized examples with a TrainSpec/DistillSpec `spec`.
 
     With `teacher_logits` ([N, C], row i = example i) the loss is `distillation_loss`, else cross-entropy.
-    Fractional epochs are allowed: training stops after ceil(epochs * batches_per_epoch) steps."""
+    Fractional epochs are allowed: training stops after ceil(epochs * batches_per_epoch) steps.
+    `spec.devices` > 1 (or $OPTFORGE_TRAIN_DEVICES): the same training data-parallel in that many processes
+    (optforge.distributed), each calling this with its `rank` (a distributed.Rank): it trains on its
+    share of every batch (batching.shard_batch) through DDP; the batches and steps are the same."""
+    if rank is None:
+        from optforge import distributed
+        from optforge.errors import OptforgeError
+
+        n = distributed.requested_devices(spec)
+        if n > 1 and getattr(spec, "embedding_grad", None) == "sparse":
+            raise OptforgeError(f"embedding_grad: sparse trains on one device only, but {n} devices were asked "
+                             f"for ($OPTFORGE_TRAIN_DEVICES or `devices`)")
+        if n > 1:
+            return distributed.train_data_parallel(n, train, bar, dict(
+                model=model, ids=ids, labels=labels, spec=spec, device=device, pad_id=pad_id,
+                teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, desc=desc))
     configure_threads()
-    set_seed(spec.seed)
+    set_seed(spec.seed + (rank.index if rank is not None else 0))  # dropout: each rank its own masks
     model.to(device).train()
     if spec.freeze_embeddings:
         freeze_word_embeddings(model)
@@ -182,15 +197,19 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(device)
 
+    forward = model if rank is None else rank.wrap(model, device)
     progress = bar(total=total, desc=desc) if bar is not None else None
     losses: list[float] = []
     pending: list[torch.Tensor] = []
     steps = seen = 0
     start = time.perf_counter()
+    warm: list = []  # (time, examples) at the first loss read-back: what `warm_examples_per_s` counts from
 
     def drain():
         if pending:
-            losses.extend(torch.stack(pending).float().cpu().tolist())
+            stacked = torch.stack(pending).float()
+            losses.extend((stacked if rank is None else rank.mean(stacked)).cpu().tolist())
+            warm[:] = warm or [time.perf_counter(), seen]
             if progress is not None:  # what the loop knows and the bar does not: examples/s and the loss
                 elapsed = time.perf_counter() - start
                 progress.set_postfix({**({"ex/s": seen / elapsed} if elapsed > 0 else {}),
@@ -203,21 +222,24 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
             for batch in length_bucketed_batches(lengths, spec.batch_size, rng):
                 if steps == total:
                     break
-                input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+                rows, weight = (batch, 1.0) if rank is None else shard_batch(batch, rank.index, rank.world)
+                input_ids, mask = pad_batch([ids[i] for i in rows], pad_id)
                 if cuda:
                     input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
                 input_ids = input_ids.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)
-                index = torch.tensor(batch, dtype=torch.long)
+                index = torch.tensor(rows, dtype=torch.long)
                 index = (index.pin_memory() if cuda else index).to(device, non_blocking=True)
                 y = labels_t[index]
                 with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = model(input_ids, mask)
+                    logits = forward(input_ids, mask)
                 logits = logits.float()
                 if teacher_logits is None:
                     loss = F.cross_entropy(logits, y)
                 else:
                     loss = distillation_loss(logits, teacher_logits[index], y, temperature, alpha)
+                if rank is not None:
+                    loss = loss * weight
                 loss.backward()
                 clip_grad_norm(model, 1.0)
                 for optimizer, scheduler in zip(optimizers, schedulers):
@@ -237,9 +259,12 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
         table.sparse = False  # a training-time choice: the saved and evaluated model is the usual one
     model.eval()
     tail = losses[-max(1, min(50, len(losses) // 10)):]
+    warm_s = start + elapsed - warm[0] if warm else 0.0
     return {"train_loss": sum(losses) / len(losses), "final_loss": sum(tail) / len(tail),
             "first_loss": losses[0], "steps": len(losses), "examples": seen,
             "train_time_s": elapsed, "examples_per_s": seen / elapsed if elapsed > 0 else None,
+            # after the first loss read-back (CUDA: LOSS_EVERY steps of kernel selection and allocator growth)
+            "warm_examples_per_s": (seen - warm[1]) / warm_s if warm_s > 0 and seen > warm[1] else None,
             "autocast": "bf16" if use_bf16 else "fp32"}
 
 

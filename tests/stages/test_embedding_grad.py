@@ -9,6 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from optforge import training
+from optforge.errors import OptforgeError
 from optforge.recipe import DistillSpec, TrainSpec
 from tiny_models import build_tiny
 
@@ -64,3 +65,14 @@ def test_clip_grad_norm_with_a_sparse_gradient_matches_the_dense_one():
     assert torch.allclose(total_d, total_s)
     assert torch.allclose(dense.weight.grad, sparse.weight.grad.to_dense())
     assert torch.allclose(head_d.weight.grad, head_s.weight.grad)
+
+
+def test_sparse_is_single_device_in_the_recipe_and_at_build_time(monkeypatch):
+    with pytest.raises(ValidationError, match="one device only"):
+        TrainSpec(embedding_grad="sparse", freeze_embeddings=False, devices=2)
+    model, tok = build_tiny(seed=5)
+    ids = tok(TEXTS, truncation=True, max_length=16)["input_ids"]
+    monkeypatch.setenv("OPTFORGE_TRAIN_DEVICES", "2")
+    spec = TrainSpec(epochs=1, batch_size=16, freeze_embeddings=False, precision="fp32", embedding_grad="sparse")
+    with pytest.raises(OptforgeError, match="one device only"):
+        training.train(model, ids, LABELS, spec, "cpu", tok.pad_token_id)
