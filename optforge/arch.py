@@ -33,11 +33,13 @@ ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 class UnsupportedArchitecture(OptforgeError):
     """`[<stage>: ]model type 'xlnet'[ (<where>)] is not supported for <operation>; supported: bert, ...`
-    (`where` says whose type it is when that is not the entry itself, e.g. `teacher.model`)."""
+    (`where` says whose type it is when that is not the entry itself, e.g. `teacher.model`; `known`, the
+    supported types when they are not this registry's encoders: causal LMs, optforge.lm.structure)."""
 
     def __init__(self, model_type: Optional[str], operation: str, stage: Optional[str] = None,
-                 where: Optional[str] = None):
+                 where: Optional[str] = None, known: Optional[list[str]] = None):
         self.model_type, self.operation, self.stage, self.where = model_type, operation, stage, where
+        self.known = known
         super().__init__(f"{stage}: {self.reason}" if stage else self.reason)
 
     @property
@@ -45,7 +47,7 @@ class UnsupportedArchitecture(OptforgeError):
         """The message without the stage (a RecipeError's key path locates it instead)."""
         where = f" ({self.where})" if self.where else ""
         return (f"model type {shown(self.model_type)}{where} is not supported for {self.operation}; "
-                f"supported: {', '.join(supported())}")
+                f"supported: {', '.join(self.known if self.known is not None else supported())}")
 
 
 def _get(obj, path: str):

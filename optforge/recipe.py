@@ -771,7 +771,8 @@ def _reference_problems(r: Recipe) -> list[tuple[tuple, str]]:
 
 def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
     """What one task's recipe cannot say: classification settings in a causal-lm recipe and the other way
-    round, and what optforge does not do for causal LMs (ONNX Runtime rows, serving, structured pruning)."""
+    round, and what optforge does not do for causal LMs (ONNX Runtime rows, serving). Structured pruning of
+    a causal LM needs a GPT-2: recipe_io.check_architectures, from the teacher's config."""
     out: list[tuple[tuple, str]] = []
     if not r.is_lm:
         lm_only = [(("perplexity",), r.perplexity is not None),
@@ -803,10 +804,6 @@ def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
     if r.serve_benchmark is not None:
         out.append((("serve_benchmark",), f"`optforge serve` serves classifiers only; {lm} has no serving "
                                           f"benchmark (serve causal LMs with a generation server: README)"))
-    for i, p in enumerate(r.prune):
-        if p.method != "unstructured":
-            out.append((("prune", i, "method"), f"{lm} supports `method: unstructured` pruning only (structured "
-                                                f"pruning of GPT-2 heads/FFN is not implemented)"))
     for i, c in enumerate(r.configs):
         if c.runtime != DEFAULT_RUNTIME:
             out.append((("configs", i, "runtime"), f"{lm} runs in PyTorch only; use runtime: torch"))

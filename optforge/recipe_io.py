@@ -511,14 +511,17 @@ def check_architectures(loaded: LoadedRecipe) -> None:
     """A student made of teacher layers and every prune entry of a model made from the teacher need an
     encoder optforge.arch knows, checked before anything runs from the teacher's config.json (a random-init
     teacher or student is BERT; a teacher whose config is not on this machine is checked by the stage).
-    Every such entry is one located error."""
+    Every such entry is one located error. A causal-lm recipe: its structured prune entries need a GPT-2
+    (optforge.lm.structure; every model of such a recipe has the teacher's type, a random-init one is GPT-2);
+    a student of teacher layers is checked by its stage (optforge.lm.model.LAYER_LISTS)."""
     from optforge import arch
     from optforge.model_source import cached_config
 
     recipe = loaded.recipe
-    if recipe.is_lm:  # causal LMs: optforge.lm.model.LAYER_LISTS, checked by the student stage
-        return
     config = cached_config(recipe.teacher.model) if recipe.teacher.model is not None else None
+    if recipe.is_lm:
+        check_lm_architecture(loaded, config)
+        return
     if config is None or arch.model_type(config) is None or arch.find_adapter(config) is not None:
         return
     prunes = {p.name: p for p in recipe.prune}
@@ -540,8 +543,25 @@ def check_architectures(loaded: LoadedRecipe) -> None:
         errors.append(refused("a student made of teacher layers", ("student", "from_teacher")))
     errors += [refused(f"{p.method} pruning", ("prune", i)) for i, p in enumerate(recipe.prune)
                if from_teacher(p.model)]
+    raise_all(errors)
+
+
+def raise_all(errors: list[RecipeError]) -> None:
+    """Nothing for no errors, the error itself for one, RecipeErrors for several."""
     if errors:
         raise errors[0] if len(errors) == 1 else RecipeErrors(errors)
+
+
+def check_lm_architecture(loaded: LoadedRecipe, config: dict | None) -> None:
+    from optforge import arch
+    from optforge.lm.structure import supports_structured, unsupported
+
+    model_type = arch.model_type(config) if config is not None else None
+    if model_type is None or supports_structured(model_type):
+        return
+    reason = unsupported(model_type, where="teacher.model").reason
+    errors = [loaded.error(reason, ("prune", i)) for i, p in enumerate(loaded.recipe.prune) if p.method == "structured"]
+    raise_all(errors)
 
 
 def check_student_layers(loaded: LoadedRecipe) -> None:

@@ -71,8 +71,8 @@ def test_classification_recipes_dump_as_before(tmp_path):
     (("  tokenizer:", "  pooling: mean\n  tokenizer:"), "r.yaml:6:12: error: teacher.pooling",
      "belongs to a classifier's head"),
     (("text: text,", "text: text, label: y,"), "r.yaml:3:", "has no labels"),
-    (("configs:", "prune: [{name: p, model: student, method: structured, heads: 0.5}]\nconfigs:"),
-     "prune[0].method", "`method: unstructured` pruning only"),
+    (("configs:", "prune: [{name: p, model: student, method: structured, heads: 1.0}]\nconfigs:"),
+     "prune[0].heads", "less than 1"),
     (("configs:", "gates: {max_accuracy_drop: 1.0}\nconfigs:"), "gates.max_accuracy_drop", "max_perplexity_increase"),
     (("configs:", "perplexity: {stride: 32}\nconfigs:"), "perplexity.stride", "below the context length 32"),
     (("{epochs: 1, freeze_embeddings: false}", "{epochs: 1}"), "teacher.finetune.freeze_embeddings",
@@ -82,6 +82,19 @@ def test_classification_recipes_dump_as_before(tmp_path):
 def test_lm_recipe_errors_are_located(tmp_path, edit, where, message):
     msg = error(tmp_path, LM.replace(*edit))
     assert where in msg and message in msg
+
+
+def test_structured_pruning_validates_for_gpt2_and_is_refused_for_another_decoder(tmp_path):
+    prune = "prune:\n  - {name: p, model: student, method: structured, heads: 0.5, ffn: 0.25}\nconfigs:"
+    recipe = load(tmp_path, LM.replace("configs:", prune)).recipe  # a random-init teacher is a GPT-2
+    assert build_graph(recipe.for_device("cpu"), tmp_path)["prune:p"].kind == "lm_prune"
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    teacher = LM.replace("  config: {num_layers: 2, hidden_size: 64, num_heads: 2, intermediate_size: 128}\n",
+                         f"  model: {tmp_path / 'llama'}\n")
+    msg = error(tmp_path, teacher.replace("configs:", prune))
+    assert "error: prune[0]" in msg and ("model type 'llama' (teacher.model) is not supported for structured "
+                                         "pruning of a causal LM; supported: gpt2") in msg
 
 
 def test_lm_keys_in_a_classifier_are_located(tmp_path):

@@ -2,7 +2,8 @@
 
   format        written by                       files
   lm-float      lm_teacher, lm_student,          a stock transformers directory (save_pretrained: model.safetensors,
-                lm_distill, lm_prune             config.json) + tokenizer/ + optforge_model.json (optforge.lm.model)
+                lm_distill, lm_prune             config.json) + tokenizer/ + optforge_model.json (optforge.lm.model;
+                                                 a head-pruned GPT-2 adds per-block shapes: "pruned_layers")
   lm-quantized  lm_quantize                      config.json, tokenizer/, the quantized state dict (model.safetensors
                                                  through torchao's flattening, else model.pt read with
                                                  torch.load(weights_only=True): optforge.artifacts.quantized.save)
@@ -161,7 +162,7 @@ def _load_quantized(d: Path, meta: dict, device: str):
     method.check(meta["precision"], device)
     if meta.get("device", device) != device:
         raise StageFailure(f"{meta['method']} artifact was packed for {meta['device']}, not {device}")
-    model = skeleton(d).to(device=device, dtype=PRECISION_DTYPES[meta["precision"]])
+    model = skeleton(d, meta).to(device=device, dtype=PRECISION_DTYPES[meta["precision"]])
     conv1d_to_linear(model)
     with kernel_failure(f"{meta['method']}: quantize"):
         method.apply(QuantScope(model), params, device)

@@ -5,7 +5,10 @@ A float LM artifact is a stock transformers directory plus optforge's files:
   model.safetensors, config.json, generation_config.json   `save_pretrained` (safetensors, never pickled)
   tokenizer/                                                the HF tokenizer files
   optforge_model.json   {"format": "lm-float", "task": "causal-lm", "precision": "fp32", "max_length", "source"}
-so `AutoModelForCausalLM.from_pretrained(<dir>)` reads it as is.
+so `AutoModelForCausalLM.from_pretrained(<dir>)` reads it as is — except a GPT-2 whose attention heads were
+pruned (or whose blocks' FFN widths differ), which no stock config describes: its optforge_model.json adds
+"pruned_layers" (per block {"heads", "head_size", "intermediate"}; optforge.lm.structure), and optforge's
+loaders build the model from config.json, give each block those shapes, then load model.safetensors.
 """
 
 from __future__ import annotations
@@ -144,9 +147,12 @@ def read_meta(artifact_dir) -> dict:
 
 def save_float(model, tokenizer, meta: dict, out_dir) -> dict:
     """Write the float artifact (module docstring); returns its optforge_model.json."""
+    from optforge.lm.structure import undescribed_shapes
     from optforge.modeling import _quiet_transformers
 
     out = Path(out_dir)
+    shapes = undescribed_shapes(model)  # sets config.n_inner when every block keeps one FFN width
+    meta = {k: v for k, v in meta.items() if k != "pruned_layers"} | ({"pruned_layers": shapes} if shapes else {})
     with _quiet_transformers():  # no "Writing model shards" bar in a build log
         model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
@@ -166,20 +172,48 @@ def load_float(artifact_dir):
     if FLOAT_FORMAT not in (meta.get("format"), meta.get("base_format")):  # a compiled float artifact has its files
         raise OptforgeError(f"{d}: expected a float causal-LM artifact, got format {meta.get('format')!r}")
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, use_safetensors=True)
+        if "pruned_layers" in meta:
+            model = _load_pruned(d, meta)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER_DIR))
     return model.eval(), tokenizer, meta
 
 
-def skeleton(artifact_dir):
-    """The artifact's model with random weights, fp32 (weights are loaded over it)."""
+def _load_pruned(d: Path, meta: dict):
+    """A structurally pruned GPT-2: the skeleton at the saved shapes, model.safetensors loaded over it (every
+    tensor; the LM head, tied to the embeddings, is the one save_pretrained leaves out)."""
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+
+    model = skeleton(d, meta)
+    state = load_file(str(d / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in state}
+    untied = [k for k in missing if params[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise OptforgeError(f"{d}: model.safetensors does not match the pruned shapes in {META} "
+                            f"(missing {untied}, unexpected {unexpected})")
+    if (d / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(d))
+    return model
+
+
+def skeleton(artifact_dir, meta: Optional[dict] = None):
+    """The artifact's model with random weights, fp32, at its saved shapes (weights are loaded over it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from optforge.lm.structure import fit_blocks
     from optforge.modeling import _quiet_transformers
 
+    meta = read_meta(artifact_dir) if meta is None else meta
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(str(artifact_dir))
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if "pruned_layers" in meta:
+        fit_blocks(model, meta["pruned_layers"])
+    return model
 
 
 def copy_side_files(src: Path, out: Path) -> None:

@@ -29,9 +29,10 @@ def blocks(stream: list[int], length: int) -> torch.Tensor:
     return torch.tensor(stream[:n * length], dtype=torch.long).view(n, length)
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: position t predicts ids[t + 1]."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (mean, or `reduction="sum"`): position t predicts ids[t + 1]."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                           reduction=reduction)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, temperature: float,

@@ -42,7 +42,7 @@ import json
 import random
 
 from optforge.errors import RecipeError
-from optforge.prune_counts import channels_to_keep, heads_to_remove, removed_fractions
+from optforge.prune_counts import removed_fractions
 from optforge.recipe import PruneParams
 from optforge.stages.base import StageContext, StageKind
 
@@ -182,69 +182,35 @@ def calibration_set(tokenizer, data, n: int, seed: int) -> tuple[list[list[int]]
 
 def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
     """(head importance [layer][head], FFN channel importance [layer][channel]) as CPU float tensors.
-    See the module docstring for the definitions."""
+    See the module docstring for the definitions (optforge.importance holds the hooks)."""
     import torch
     import torch.nn.functional as F
 
     from optforge import arch
     from optforge.batching import sorted_batches
+    from optforge.importance import ImportanceProbe
     from optforge.tokens import pad_batch
 
     ids, labels = calib
     adapter = arch.adapter_for(model, "structured pruning")
     layers = adapter.layers(arch.encoder_of(model))
-    head_size = [adapter.head_size(layer) for layer in layers]
-    head_imp = [torch.zeros(adapter.linear(layer, "query").out_features // d, dtype=torch.float64)
-                for layer, d in zip(layers, head_size)]
-    act_sum = [torch.zeros(adapter.linear(layer, "ffn_in").out_features, dtype=torch.float64) for layer in layers]
-    tokens = 0
-    current_mask: dict = {}
-
-    def attn_hook(i):
-        def hook(_module, inputs):
-            ctx_out = inputs[0]  # [B, S, heads * d]: the heads' context, going into the output projection
-
-            def grad_hook(grad):
-                contrib = (ctx_out.detach() * grad).float()  # d L / d xi, split over tokens and dims
-                b, s, _ = contrib.shape
-                per_example = contrib.reshape(b, s, -1, head_size[i]).sum(dim=(1, 3))  # [B, heads]
-                head_imp[i] += per_example.abs().sum(0).double().cpu()
-            ctx_out.register_hook(grad_hook)
-        return hook
-
-    def ffn_hook(i):
-        def hook(_module, inputs):
-            act = inputs[0]  # [B, S, channels]: the activation, going into the FFN output projection
-            m = current_mask["mask"].unsqueeze(-1).to(act.dtype)
-            act_sum[i] += (act.detach().abs() * m).sum(dim=(0, 1)).double().cpu()
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(adapter.linear(layer, "attn_out").register_forward_pre_hook(attn_hook(i)))
-        handles.append(adapter.linear(layer, "ffn_out").register_forward_pre_hook(ffn_hook(i)))
+    probe = ImportanceProbe([adapter.linear(layer, "attn_out") for layer in layers],
+                            [adapter.linear(layer, "ffn_out") for layer in layers],
+                            [adapter.head_size(layer) for layer in layers])
     model.eval()
     labels_t = torch.tensor(labels, dtype=torch.long)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), probe:
             for batch in sorted_batches([len(s) for s in ids], CALIBRATION_BATCH):
                 input_ids, mask = pad_batch([ids[j] for j in batch], pad_id)
                 input_ids, mask = input_ids.to(device), mask.to(device)
-                current_mask["mask"] = mask
-                tokens += int(mask.sum())
+                probe.batch(mask)
                 logits = model(input_ids, mask).float()
                 loss = F.cross_entropy(logits, labels_t[batch].to(device), reduction="sum")
                 loss.backward()
     finally:
-        for h in handles:
-            h.remove()
         model.zero_grad(set_to_none=True)
-
-    ffn_imp = []
-    for layer, s in zip(layers, act_sum):
-        out_norm = adapter.linear(layer, "ffn_out").weight.detach().float().norm(dim=0).double().cpu()  # ||W_out[:, j]||
-        ffn_imp.append(s / max(tokens, 1) * out_norm)
-    return [h.float() for h in head_imp], [f.float() for f in ffn_imp]
+    return probe.scores()
 
 
 # --------------------------------------------------------------------------- structured: shrinking
@@ -252,23 +218,12 @@ def importance_scores(model, calib, pad_id: int, device) -> tuple[list, list]:
 
 def structured_plan(model, head_imp: list, ffn_imp: list, heads: float, ffn: float) -> list[dict]:
     """Per layer: the original head indices and FFN channel indices to keep (ascending), by importance."""
-    import torch
-
     from optforge import arch
+    from optforge.importance import layer_plan
 
     adapter = arch.adapter_for(model, "structured pruning")
-    plan = []
-    for layer, hi, fi in zip(adapter.layers(arch.encoder_of(model)), head_imp, ffn_imp):
-        n_heads = hi.numel()
-        keep_h = n_heads - heads_to_remove(n_heads, heads)
-        n_ch = fi.numel()
-        keep_c = channels_to_keep(n_ch, ffn) if ffn > 0 else n_ch
-        # stable: ties keep the lower index
-        kept_heads = sorted(torch.argsort(-hi, stable=True)[:keep_h].tolist())
-        kept_ch = sorted(torch.argsort(-fi, stable=True)[:keep_c].tolist())
-        plan.append({"kept_heads": kept_heads, "kept_channels": kept_ch, "heads_before": n_heads,
-                     "intermediate_before": n_ch, "head_size": adapter.head_size(layer)})
-    return plan
+    return [layer_plan(hi, fi, adapter.head_size(layer), heads, ffn)
+            for layer, hi, fi in zip(adapter.layers(arch.encoder_of(model)), head_imp, ffn_imp)]
 
 
 def shrink(model, plan: list[dict]) -> list[dict]:

@@ -125,6 +125,114 @@ def test_distill_and_pruning(tmp_path, run_stage, lm_data, lm_teacher):
     assert 0.49 <= p["sparsity"] <= 0.51  # the zeros survived recovery training
 
 
+# --------------------------------------------------------------------------- structured pruning (GPT-2)
+
+
+def test_structured_prune_shrinks_reloads_generates_and_recovers(tmp_path, run_stage, lm_data, lm_teacher):
+    """heads 0.5, ffn 0.5 of 2 blocks (2 heads of 32, FFN 128): one head and 64 channels go per block; the
+    artifact reloads at those shapes, decodes with its KV cache, has a perplexity, quantizes and reloads."""
+    from optforge.artifacts import load_runnable
+
+    data_dir = lm_data[0]
+    recover = {"epochs": 0.25, "batch_size": 8, "lr": 1e-3, "freeze_embeddings": False}
+    m = run_stage("lm_prune", {"method": "structured", "heads": 0.5, "ffn": 0.5, "recover": recover},
+                  tmp_path / "p", {"model": lm_teacher[0], "teacher": lm_teacher[0], "data": data_dir})
+    per_block = 64 * 96 + 96 + 32 * 64 + 64 * 64 + 64 + 64 * 64  # c_attn q|k|v, attn c_proj, c_fc, mlp c_proj
+    assert m["params_before"] - m["params_after"] == 2 * per_block
+    assert (m["heads_before"], m["heads_after"], m["ffn_before"], m["ffn_after"]) == (4, 2, 256, 128)
+    assert [len(x["heads"]) for x in m["removed_per_layer"]] == [1, 1]
+    assert [x["channels"] for x in m["removed_per_layer"]] == [64, 64]
+    assert m["recover_steps"] >= 1 and math.isfinite(m["calibration_loss_after_recovery"])
+    meta = json.loads((tmp_path / "p" / "optforge_model.json").read_text())
+    assert meta["pruned_layers"] == [{"heads": 1, "head_size": 32, "intermediate": 64}] * 2
+
+    r = load_runnable(tmp_path / "p", "cpu")
+    block = r.model.transformer.h[0]
+    assert tuple(block.attn.c_attn.weight.shape) == (64, 96) and tuple(block.mlp.c_fc.weight.shape) == (64, 64)
+    assert r.model.config.n_inner == 64  # the FFN width is the config's; the head count is in pruned_layers
+    ids = torch.tensor([[5, 17, 300, 42, 7]])
+    cached, seq = r.generate(ids, 6), ids
+    with torch.inference_mode():
+        for _ in range(6):
+            seq = torch.cat([seq, r.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq[:, 5:])
+    ev = run_stage("lm_evaluate", {"context_length": 32, "stride": 16}, tmp_path / "e",
+                   {"model": tmp_path / "p", "data": data_dir})
+    assert 1 < ev["perplexity"] < math.exp(lm_teacher[1]["first_loss"])
+    q = run_stage("lm_quantize", {"method": "int8-weight-only"}, tmp_path / "q",
+                  {"model": tmp_path / "p", "data": data_dir})
+    assert (q["conv1d_converted"], q["modules_quantized"]) == (8, 9)
+    assert load_runnable(tmp_path / "q", "cpu").model.transformer.h[1].attn.c_attn.out_features == 96
+
+
+def test_shrinking_dead_heads_and_channels_keeps_the_logits_and_reloads_exactly(tmp_path, lm_teacher):
+    """Block 0's head 0 and half its FFN channels write nothing (zeroed c_proj inputs): shrinking them away
+    leaves the logits as they were (q|k|v of the kept head sliced right); blocks with different head counts
+    decode with a static or a dynamic KV cache alike; save -> load gives the same bits."""
+    from optforge.lm import structure
+
+    model = tiny_gpt2()
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        block.attn.c_proj.weight[:32] = 0  # Conv1D [in, out]: head 0's context inputs
+        block.mlp.c_proj.weight[::2] = 0  # even FFN channels
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.inference_mode():
+        before = model(ids).logits
+    structure.shrink_block(block, [1], list(range(1, 128, 2)), 32)
+    with torch.inference_mode():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert structure.layer_shapes(model) == [{"heads": 1, "head_size": 32, "intermediate": 64},
+                                             {"heads": 2, "head_size": 32, "intermediate": 128}]
+    from optforge.lm.decode import generate  # blocks of 1 and 2 heads: both KV caches size each layer itself
+
+    assert torch.equal(generate(model, model, ids, 5, static=True), generate(model, model, ids, 5, static=False))
+    lm_model.save_float(model, load_tokenizer(lm_teacher[0]), {"max_length": 32}, tmp_path)
+    loaded, _, meta = lm_model.load_float(tmp_path)
+    assert meta["pruned_layers"][0]["heads"] == 1 and loaded.config.n_inner == 128  # widths differ: per block
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, after)
+
+
+def test_ffn_only_prune_stays_a_stock_transformers_directory(tmp_path, lm_teacher):
+    from transformers import AutoModelForCausalLM
+
+    from optforge.lm import structure
+
+    model = tiny_gpt2()
+    for block in model.transformer.h:
+        structure.shrink_block(block, [0, 1], list(range(48)), 32)
+    lm_model.save_float(model, load_tokenizer(lm_teacher[0]), {"max_length": 32}, tmp_path)
+    assert "pruned_layers" not in json.loads((tmp_path / "optforge_model.json").read_text())
+    stock = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.inference_mode():
+        assert stock.config.n_inner == 48 and torch.equal(stock(ids).logits, model(ids).logits)
+
+
+def test_structured_prune_refuses_a_fraction_that_removes_nothing(tmp_path, run_stage, lm_data, lm_teacher):
+    from optforge.errors import StageFailure
+
+    with pytest.raises(StageFailure, match=r"heads: 0.2 removes no head of a block of 2 .*use heads > 0.25"):
+        run_stage("lm_prune", {"method": "structured", "heads": 0.2}, tmp_path,
+                  {"model": lm_teacher[0], "data": lm_data[0]})
+
+
+def test_structured_prune_refuses_another_architecture(tmp_path, run_stage, lm_data, lm_teacher):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optforge.errors import RecipeError
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    lm_model.save_float(llama, load_tokenizer(lm_teacher[0]), {"max_length": 32}, tmp_path / "llama")
+    with pytest.raises(RecipeError, match=r"model type 'llama' is not supported for structured pruning of a causal "
+                                          r"LM; supported: gpt2"):
+        run_stage("lm_prune", {"method": "structured", "ffn": 0.5}, tmp_path / "p",
+                  {"model": tmp_path / "llama", "data": lm_data[0]})
+
+
 # --------------------------------------------------------------------------- Conv1D and quantization
 
 
