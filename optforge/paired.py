@@ -53,6 +53,12 @@ and the speedup carries a confidence interval.
   `checked_at` lists those rounds. The interval reported is always the one over every round measured.
 - **A single side** (the baseline's own stage, or no baseline) uses the same loop: scopes interleaved, no
   speedup, no interval, so no width to stop on: it runs to the box or `max_rounds`.
+- **Scope order.** By definition model <= pretokenized <= e2e (each scope contains the one before it).
+  Their medians come from the same rounds, so for each side and each consecutive pair `scope_order`
+  gives the ratio median(outer) / median(inner) with its bootstrap interval over rounds (`ratio_ci`,
+  seeded with `mix_seed(seed, side, inner, outer)`); the order *holds within the interval* when the
+  interval's high end is >= 1, and is *broken* only when the whole interval is below 1 (the outer scope
+  measurably faster than the scope it contains). Fewer than `min_rounds` rounds: no interval, `holds` None.
 - `sync` (e.g. torch.cuda.synchronize) runs before starting and before stopping the clock of every call,
   warm-up included, so asynchronous device work is inside the measurement.
 """
@@ -203,6 +209,27 @@ def _compare(blocks: Mapping[Key, list[list[float]]], scope: str, rounds: int, *
     return entry
 
 
+def scope_order(blocks: Mapping[Key, list[list[float]]], side: str, rounds: int, *, min_rounds: int,
+                confidence: float, n_boot: int, seed: int, expanded: bool) -> list[dict]:
+    """For consecutive scopes (model, pretokenized, e2e) both measured on `side`: median(outer) /
+    median(inner) (>= 1 by definition) and its interval over rounds; `holds` False only when the interval
+    lies wholly below 1, None without an interval (module docstring, "Scope order")."""
+    present = [s for s in SCOPES if blocks.get((side, s))]
+    out = []
+    for inner, outer in zip(present, present[1:]):
+        inn, outr = blocks[(side, inner)], blocks[(side, outer)]
+        entry = {"inner": inner, "outer": outer, "ratio": None, "ci_low": None, "ci_high": None, "holds": None,
+                 "seed": mix_seed(seed, side, inner, outer)}
+        if rounds:
+            entry["ratio"] = _median(_pooled(outr)) / _median(_pooled(inn))
+        if rounds >= min_rounds:
+            ratio, lo, hi = ratio_ci(outr, inn, confidence=confidence, n_boot=n_boot, seed=entry["seed"],
+                                     expanded=expanded)
+            entry.update(ratio=ratio, ci_low=lo, ci_high=hi, holds=hi >= 1.0)
+        out.append(entry)
+    return out
+
+
 def _by_side(per_key: Mapping[Key, object]) -> dict:
     out: dict = {}
     for (side, scope), value in per_key.items():
@@ -298,6 +325,9 @@ def measure_paired(fns: Mapping[tuple[str, str], Callable[[], object]], *, warmu
         "block_calls": _by_side(calls),
         "compare": compare,
         "warmup_times": _by_side(warm),
+        "scope_order": {side: scope_order(blocks, side, rounds, min_rounds=min_rounds, confidence=confidence,
+                                          n_boot=n_boot, seed=seed, expanded=expanded)
+                        for side in SIDES if any(k[0] == side for k in blocks)},
         "checked_at": checked_at,
         "ci_s": ci_s,
         "interval": "expanded percentile" if expanded else "percentile",

@@ -345,3 +345,40 @@ def test_the_real_clock_stays_near_a_small_box():
     assert r["stopped"] == "time box" and r["rounds"] >= 1
     assert len(calls) == 4 + sum(len(ts) for side in r["times"].values() for ts in side.values())
     assert r["elapsed_s"] < 0.5
+
+
+# --------------------------------------------------------------------------- the scope order
+
+
+def _scope_run(medians, sigma, seed, rounds=8):  # every scope of the row side, no baseline
+    clock = Clock()
+    return paired.measure_paired(fake_fns(clock, medians, rng=random.Random(seed), sigma=sigma), warmup=1,
+                                 max_seconds=1e9, max_rounds=rounds, block_seconds=3 / 64, clock=clock,
+                                 seed=seed)
+
+
+def test_scopes_in_order_hold_within_their_interval_even_when_a_point_estimate_is_not():
+    """Pre-tokenized 1% above model, e2e 5% above it, noisy calls (sigma 0.3) and 8 rounds: the point
+    estimates often come out of order, the intervals almost never rule the true order out."""
+    medians = {("row", "model"): 1 / 64, ("row", "pretokenized"): 1.01 / 64, ("row", "e2e"): 1.05 / 64}
+    out_of_order = broken = 0
+    for seed in range(60):
+        order = _scope_run(medians, 0.3, seed)["scope_order"]["row"]
+        assert [(o["inner"], o["outer"]) for o in order] == [("model", "pretokenized"), ("pretokenized", "e2e")]
+        out_of_order += any(o["ratio"] < 1 for o in order)
+        broken += any(o["holds"] is False for o in order)
+    assert out_of_order >= 15  # few calls: medians out of order is common...
+    assert broken <= 3  # ...and a broken order beyond the 95% interval is rare (two checks per run)
+
+
+def test_a_scope_faster_than_the_one_it_contains_is_broken_beyond_its_interval():
+    """A pre-tokenized path 30% faster than the model forward it contains (a measurement that means
+    something else) is flagged; too few rounds judge nothing."""
+    medians = {("row", "model"): 1 / 64, ("row", "pretokenized"): 0.7 / 64, ("row", "e2e"): 0.75 / 64}
+    order = _scope_run(medians, 0.05, 1)["scope_order"]["row"]
+    assert order[0]["holds"] is False and order[0]["ci_high"] < 1 and order[0]["ratio"] == pytest.approx(0.7, 0.05)
+    assert order[1]["holds"] is True
+    blocks = {("row", scope): [[m] * 4] * 3 for (_, scope), m in medians.items()}
+    few = paired.scope_order(blocks, "row", 3, min_rounds=6, confidence=0.95, n_boot=100, seed=0, expanded=True)
+    assert [o["holds"] for o in few] == [None, None] and few[0]["ci_low"] is None
+    assert few[0]["ratio"] == pytest.approx(0.7)

@@ -530,3 +530,19 @@ def test_the_committed_reports_are_what_their_results_json_renders(report, tmp_p
                                  "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
     for path in write_reports(doc, prunes, tmp_path, now=built):
         assert path.read_bytes() == (committed / path.name).read_bytes(), path.name
+
+
+def test_the_scope_order_note_counts_the_checks_and_names_the_broken_ones():
+    from optforge.report.notes import scope_order_notes
+
+    ok = [{"name": "a", "scope_order": {"1": [
+              {"inner": "model", "outer": "pretokenized", "ratio": 0.98, "ci_low": 0.9, "ci_high": 1.04, "holds": True},
+              {"inner": "pretokenized", "outer": "e2e", "ratio": 0.81, "ci_low": 0.75, "ci_high": 0.9, "holds": False}],
+              "32": [{"inner": "model", "outer": "pretokenized", "ratio": 1.2, "ci_low": None, "ci_high": None,
+                      "holds": None}]}},
+          {"name": "b", "scope_order": {}}]
+    [note] = scope_order_notes({}, ok)
+    assert "1 of 2 checks hold within the interval" in note
+    assert "`a` at batch 1: end to end 0.81× the pre-tokenized median (0.75–0.90)" in note
+    assert "1 not judged" in note
+    assert scope_order_notes({}, [{"name": "b", "scope_order": {}}]) == []

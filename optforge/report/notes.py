@@ -220,6 +220,28 @@ def speedup_notes(doc: dict, ok: list[dict]) -> list[str]:
     return out
 
 
+def scope_order_notes(doc: dict, ok: list[dict]) -> list[str]:
+    """Model <= pre-tokenized <= end to end, checked per row and batch size on the interval of each ratio
+    of consecutive scopes (paired.scope_order): how many checks hold within it, which are broken."""
+    checks = [(r, b, o) for r in ok for b, pairs in (r.get("scope_order") or {}).items() for o in pairs]
+    judged = [(r, b, o) for r, b, o in checks if o["holds"] is not None]
+    if not judged:
+        return []
+    names = {"model": "model", "pretokenized": "pre-tokenized", "e2e": "end to end"}
+    broken = [f"`{r['name']}` at batch {b}: {names[o['outer']]} {o['ratio']:.2f}× the {names[o['inner']]} "
+              f"median ({o['ci_low']:.2f}–{o['ci_high']:.2f})" for r, b, o in judged if not o["holds"]]
+    text = (f"Scope order (model ≤ pre-tokenized ≤ end to end, each scope containing the one before): "
+            f"{len(judged) - len(broken)} of {len(judged)} checks hold within the interval of the ratio of the "
+            "two medians (a bootstrap over the same rounds); a point estimate out of order inside its interval "
+            "is noise of few calls")
+    if broken:
+        text += "; broken beyond it: " + "; ".join(broken)
+    unjudged = len(checks) - len(judged)
+    if unjudged:
+        text += f"; {unjudged} not judged (too few rounds for an interval)"
+    return [text + "."]
+
+
 def failure_notes(doc: dict) -> list[str]:
     out = []
     for r in doc["configs"]:
@@ -235,6 +257,7 @@ def build_notes(doc: dict, prunes: dict) -> list[str]:
     notes = []
     notes += input_notes(doc, ok)
     notes += speedup_notes(doc, ok)
+    notes += scope_order_notes(doc, ok)
     notes += glue_notes(doc, ok)
     notes += bf16_cpu_notes(doc, ok)
     notes += sparsity_notes(doc, ok, prunes)

@@ -154,7 +154,7 @@ def measured_row(name: str, status: str, reason: Optional[str], evaluate: dict, 
         "seq_len": {}, "pretokenized_ms": {}, "pipelined": {},
         # the paired benchmark (docs/results-schema.md): absent for the baseline row and older metrics
         "compared_with": (bmm.get("baseline") or {}).get("config"),
-        "paired": {}, "paired_run": {}, "baseline_p50_ms": {},
+        "paired": {}, "paired_run": {}, "baseline_p50_ms": {}, "scope_order": {},
         "tokenizer_threads": bmm.get("tokenizer_threads"),
     }
     batches = sorted({str(b) for b in batch_sizes} | set(bmm.get("batches") or {}), key=int)
@@ -186,6 +186,10 @@ def measured_row(name: str, status: str, reason: Optional[str], evaluate: dict, 
                                     "too_slow": bool(run.get("too_slow")), "elapsed_s": _r(run.get("elapsed_s"), 3),
                                     "ci_width": run.get("ci_width"), "confidence": run.get("confidence"),
                                     "min_rounds": run.get("min_rounds")}
+        if entry.get("scope_order"):
+            row["scope_order"][b] = [{"inner": o["inner"], "outer": o["outer"], "ratio": _r(o.get("ratio"), 4),
+                                      "ci_low": _r(o.get("ci_low"), 4), "ci_high": _r(o.get("ci_high"), 4),
+                                      "holds": o.get("holds")} for o in entry["scope_order"]]
         if base:
             row["baseline_p50_ms"][b] = {scope: _r(base[scope]["p50"], 4) if base.get(scope) else None
                                          for scope in ("model", "e2e", "pretokenized")}

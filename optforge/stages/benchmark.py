@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> dict:
                                   log=ctx.log, baseline=baseline)
 
 
-KIND = StageKind(kind="benchmark", version="4", params_model=BenchmarkParams, run=run, hardware_bound=True,
+KIND = StageKind(kind="benchmark", version="5", params_model=BenchmarkParams, run=run, hardware_bound=True,
                  measures_time=True, row=RowStep(order=110, measure=True, applies=lambda recipe, c: True,
                              params=lambda recipe, c: recipe.benchmark.model_dump(mode="json") | {"precision": c.precision},
                              needs_data=True, compares=True))
@@ -340,6 +340,7 @@ def _benchmark(runnable, texts, params, load_s, compute_precision, log, baseline
         entry = {"model": row["model"], "e2e": row["e2e"], "pretokenized": row["pretokenized"],
                  "e2e_pipelined": pipelined, "seq_len": seq_len, "real_tokens": real_tokens, "flops": flops,
                  "peak_mem_mb": above}
+        entry["scope_order"] = (res.get("scope_order") or {}).get("row") or []
         run_info = {k: res[k] for k in RUN_KEYS}
         if baseline is not None:
             entry["baseline"] = stats["base"]
@@ -426,6 +427,9 @@ def _batch_line(b: int, entry: dict, seq_len: int) -> str:
     pipe = entry["e2e_pipelined"]
     if pipe and pipe.get("gain"):
         parts.append(f"pipelined {pipe['gain']:.2f}x the samples/s of one batch at a time")
+    broken = [f"{o['outer']} < {o['inner']}" for o in entry.get("scope_order") or [] if o["holds"] is False]
+    if broken:
+        parts.append("scope order broken beyond its interval: " + ", ".join(broken))
     run = entry.get("paired_run") or entry["run"]
     slow = ", too slow for the interval" if run["too_slow"] and "paired" in entry else ""
     runs = entry["model"]["runs"] if entry["model"] else 0
