@@ -190,6 +190,7 @@ def _run_stage(job: StageJob, s: Session, log: Callable[[str], None]) -> Attempt
     t0 = time.perf_counter()
     try:
         with lock:
+            t0 = time.perf_counter()  # the stage's time starts once it holds the machine, not while it waits
             metrics = kind.run(ctx) or {}
         json.dumps(metrics)  # must be JSON-able: the manifest and the report read it
     except StageFailure as e:

@@ -170,7 +170,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
         n = distributed.requested_devices(spec)
         if n > 1 and getattr(spec, "embedding_grad", None) == "sparse":
             raise OptforgeError(f"embedding_grad: sparse trains on one device only, but {n} devices were asked "
-                             f"for ($OPTFORGE_TRAIN_DEVICES or `devices`)")
+                                f"for ($OPTFORGE_TRAIN_DEVICES or `devices`)")
         if n > 1:
             return distributed.train_data_parallel(n, train, bar, dict(
                 model=model, ids=ids, labels=labels, spec=spec, device=device, pad_id=pad_id,
