@@ -815,6 +815,10 @@ def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
         if spec.devices > 1:
             out.append((path + ("devices",), f"{lm} trains on one device (optforge.lm.train); data-parallel "
                                               f"`devices` is for classification recipes; remove it"))
+        if spec.embedding_grad is not None:
+            out.append((path + ("embedding_grad",), f"{lm} trains its embeddings with dense AdamW "
+                                                     f"(optforge.lm.train); `embedding_grad` is for classification "
+                                                     f"recipes; remove it"))
     ft = r.teacher.finetune
     if r.teacher.config is not None and isinstance(ft, TrainSpec) and ft.freeze_embeddings:
         out.append((("teacher", "finetune", "freeze_embeddings"),

@@ -98,19 +98,17 @@ def make_optimizers(model: nn.Module, spec) -> list[torch.optim.Optimizer]:
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (total 2-norm over all gradients) that also takes sparse gradients
     (a sparse embedding table's: coalesced, its values scaled)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sparse = [g for g in grads if g.is_sparse]
-    if not sparse:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    for p in model.parameters():
-        if p.grad is not None and p.grad.is_sparse:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    for p in params:
+        if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    values = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in values]))
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        (g._values() if g.is_sparse else g).mul_(coef)
+    for v in values:
+        v.mul_(coef)
     return total
 
 
