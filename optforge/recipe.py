@@ -114,6 +114,13 @@ class TrainSpec(Strict):
     # table). Sparse skips the vocab x hidden update of rows the batch did not touch: README "Choosing the
     # defaults" gives the measured step times and accuracies. Single-device training only
     embedding_grad: Optional[Literal["dense", "sparse"]] = None
+    # Layer-wise learning-rate decay: the head keeps `lr`, transformer layer i of L gets lr * d^(L - i) and
+    # the embeddings lr * d^(L + 1) (d = 1 or unset: one lr for everything). Unset is not in the key
+    layer_lr_decay: Optional[float] = Field(None, gt=0, le=1)
+    # Tail weight averaging: the model saved is the mean of the weights after evenly spaced steps (at most
+    # 20, the last one included) of the last `average_last` fraction of the optimizer steps, not the
+    # weights after the last step. Unset: the last step's weights (not in the key)
+    average_last: Optional[float] = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _sparse_needs_trained_embeddings(self):
@@ -143,7 +150,8 @@ class TrainSpec(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler, info):
-        return without_unkeyed(self, without_unset(self, handler(self), "precision", "embedding_grad"), info,
+        return without_unkeyed(self, without_unset(self, handler(self), "precision", "embedding_grad",
+                                                        "layer_lr_decay", "average_last"), info,
                                devices=1)
 
 

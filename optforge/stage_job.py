@@ -15,10 +15,10 @@ Where the entry goes (`StageJob.own_cache`):
     (optforge.sync.push_stage), from which the build pulls it back. A hardware-bound stage runs only on a
     worker whose device fingerprint is the build's: its key, and so its timings, name that device.
 
-`machine_share` (a machine-wide reader-writer lock): a stage that measures time (benchmark,
-serve_benchmark, lm_benchmark) holds it exclusively, every other stage shared, so no timing is ever taken
-beside other work on the same machine; the build's own process (the local executor) runs one stage at a
-time and takes none.
+`machine_share` (a reader-writer lock, `machine_lock_path`: one per machine on a CPU build, one per GPU on
+a CUDA build): a stage that measures time (benchmark, serve_benchmark, lm_benchmark) holds it
+exclusively, every other stage shared, so no timing is ever taken beside other work on the same CPU, or
+on the same GPU; the build's own process (the local executor) runs one stage at a time and takes none.
 """
 
 from __future__ import annotations
@@ -114,8 +114,16 @@ def check_device(device: str) -> None:
     _device_checked.add(device)
 
 
-def machine_lock_path() -> Path:
-    return Path(tempfile.gettempdir()) / f"optforge-machine-{os.getuid()}.lock"
+def machine_lock_path(device: str = "cpu", environ=os.environ) -> Path:
+    """The lock a stage of a `device` build takes (machine_share). CPU: one per machine, since every stage
+    shares its cores. CUDA: one per GPU, the first of the worker's CUDA_VISIBLE_DEVICES (what torch calls
+    cuda:0; unset: GPU 0), so two GPUs' benchmarks run at once and a benchmark never shares its GPU. Two
+    workers that name one GPU differently (an index and a UUID) do not exclude each other."""
+    name = "machine"
+    if device == "cuda":
+        first = (environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip() or "0"
+        name = "gpu-" + "".join(c if c.isalnum() or c == "-" else "_" for c in first)
+    return Path(tempfile.gettempdir()) / f"optforge-{name}-{os.getuid()}.lock"
 
 
 @contextlib.contextmanager
@@ -186,7 +194,8 @@ def _run_stage(job: StageJob, s: Session, log: Callable[[str], None]) -> Attempt
                        input_metrics=dict(job.input_metrics), out=tmp, device=s.device,
                        data_files={role: Path(f) for role, f in node.data_files.items()},
                        progress=progress, log=lambda msg, _n=p.name: log(f"  [{_n}] {msg}"))
-    lock = machine_share(kind.measures_time) if job.machine_lock else contextlib.nullcontext()
+    lock = (machine_share(kind.measures_time, machine_lock_path(s.device)) if job.machine_lock
+            else contextlib.nullcontext())
     t0 = time.perf_counter()
     try:
         with lock:

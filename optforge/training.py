@@ -62,21 +62,46 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1 - alpha) * hard
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, exclude: tuple = ()) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, exclude: tuple = (),
+                   scales: Optional[dict[int, float]] = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters (but `exclude`); no weight decay on biases and LayerNorm weights
-    (1-d tensors). The fused kernel on CUDA and on CPU (one pass over each parameter: on a 2-core Xeon about
-    10% faster steps than the multi-tensor one, more with the word embeddings trained)."""
-    skip = {id(p) for p in exclude}
+    (1-d tensors); `scales` (layer_lr_scales): a parameter's lr factor, 1 if absent. The fused kernel on CUDA
+    and on CPU (one pass over each parameter: on a 2-core Xeon about 10% faster steps than the multi-tensor
+    one, more with the word embeddings trained)."""
+    skip, scales = {id(p) for p in exclude}, scales or {}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    groups: dict[tuple[float, bool], list] = {}
+    for p in params:
+        groups.setdefault((scales.get(id(p), 1.0), p.ndim >= 2), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr * scale, "weight_decay": weight_decay if decayed else 0.0}
+                              for (scale, decayed), ps in groups.items()], lr=lr, fused=True)
 
 
 def word_embeddings(model: nn.Module) -> list[nn.Embedding]:
     """The trainable word-embedding tables (`*word_embeddings` nn.Embedding modules) of `model`."""
     return [m for name, m in model.named_modules()
             if name.endswith("word_embeddings") and isinstance(m, nn.Embedding) and m.weight.requires_grad]
+
+
+def layer_lr_scales(model: nn.Module, decay: Optional[float]) -> dict[int, float]:
+    """id(parameter) -> its learning-rate factor under layer-wise decay `decay` (TrainSpec.layer_lr_decay):
+    transformer layer i of L gets decay^(L - i), the embeddings decay^(L + 1), everything else (the head,
+    a pooler) 1. Empty when `decay` is None or 1 (one lr for every parameter)."""
+    if decay is None or decay == 1:
+        return {}
+    from optforge import arch
+    from optforge.modeling import encoder_layers
+
+    layers = encoder_layers(model, "layer-wise learning-rate decay")
+    scales: dict[int, float] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            scales[id(p)] = decay ** (len(layers) - i)
+    encoder = arch.encoder_of(model)
+    embeddings = getattr(encoder, "embeddings", None)
+    for p in (embeddings.parameters() if embeddings is not None else ()):
+        scales[id(p)] = decay ** (len(layers) + 1)
+    return scales
 
 
 def make_optimizers(model: nn.Module, spec) -> list[torch.optim.Optimizer]:
@@ -88,10 +113,12 @@ def make_optimizers(model: nn.Module, spec) -> list[torch.optim.Optimizer]:
     tables = word_embeddings(model) if getattr(spec, "embedding_grad", None) == "sparse" else []
     for table in tables:
         table.sparse = True
+    scales = layer_lr_scales(model, getattr(spec, "layer_lr_decay", None))
     optimizers: list[torch.optim.Optimizer] = [
-        make_optimizer(model, spec.lr, spec.weight_decay, exclude=tuple(t.weight for t in tables))]
+        make_optimizer(model, spec.lr, spec.weight_decay, exclude=tuple(t.weight for t in tables), scales=scales)]
     if tables:
-        optimizers.append(torch.optim.SparseAdam([t.weight for t in tables], lr=spec.lr))
+        optimizers.append(torch.optim.SparseAdam(
+            [{"params": [t.weight], "lr": spec.lr * scales.get(id(t.weight), 1.0)} for t in tables], lr=spec.lr))
     return optimizers
 
 
@@ -110,6 +137,40 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     for v in values:
         v.mul_(coef)
     return total
+
+
+class TailAverage:
+    """TrainSpec.average_last: the running mean of the trainable weights after evenly spaced steps of the last
+    `fraction` of `total` steps (at most SNAPSHOTS of them, the last step included), put into the model by
+    `apply`. Snapshot steps are counted back from the last one, so the last step is always one of them."""
+
+    SNAPSHOTS = 20
+
+    def __init__(self, model: nn.Module, fraction: Optional[float], total: int):
+        self.params = [p for p in model.parameters() if p.requires_grad] if fraction else []
+        tail = max(1, round(fraction * total)) if fraction else 0
+        self.first, self.every = total - tail + 1, max(1, math.ceil(tail / self.SNAPSHOTS))
+        self.total, self.count, self.sums = total, 0, None
+
+    def after_step(self, step: int) -> None:
+        """`step`: optimizer steps done so far (1..total)."""
+        if not self.params or step < self.first or (self.total - step) % self.every:
+            return
+        with torch.no_grad():
+            weights = [p.detach().float() for p in self.params]
+            if self.sums is None:
+                self.sums = [w.clone() for w in weights]
+            else:
+                torch._foreach_add_(self.sums, weights)
+        self.count += 1
+
+    def apply(self) -> int:
+        """Put the mean into the model; how many snapshots it averages (0: nothing done)."""
+        if self.sums is not None:
+            with torch.no_grad():
+                for p, total in zip(self.params, self.sums):
+                    p.copy_(total / self.count)
+        return self.count
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -182,6 +243,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     per_epoch = math.ceil(len(ids) / spec.batch_size)
     total = max(1, math.ceil(spec.epochs * per_epoch))
     schedulers = [linear_schedule(o, int(spec.warmup * total), total) for o in optimizers]
+    average = TailAverage(model, getattr(spec, "average_last", None), total)
     lengths = [len(s) for s in ids]
     rng = random.Random(spec.seed)
     labels_t = torch.tensor(labels, dtype=torch.long)
@@ -246,6 +308,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
                     optimizer.zero_grad(set_to_none=True)
                 pending.append(loss.detach())
                 steps += 1
+                average.after_step(steps)
                 seen += len(batch)
                 if len(pending) == LOSS_EVERY or steps == total or not cuda:
                     drain()
@@ -253,6 +316,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
     elapsed = time.perf_counter() - start
     if progress is not None:
         progress.close()
+    averaged = average.apply()
     for table in word_embeddings(model):
         table.sparse = False  # a training-time choice: the saved and evaluated model is the usual one
     model.eval()
@@ -263,7 +327,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
             "train_time_s": elapsed, "examples_per_s": seen / elapsed if elapsed > 0 else None,
             # after the first loss read-back (CUDA: LOSS_EVERY steps of kernel selection and allocator growth)
             "warm_examples_per_s": (seen - warm[1]) / warm_s if warm_s > 0 and seen > warm[1] else None,
-            "autocast": "bf16" if use_bf16 else "fp32"}
+            "autocast": "bf16" if use_bf16 else "fp32", **({"averaged_steps": averaged} if averaged else {})}
 
 
 def autocast_bf16(precision: Optional[str], cuda: bool) -> bool:

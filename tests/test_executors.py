@@ -16,7 +16,7 @@ import pytest
 
 from optforge.errors import ExecutorError
 from optforge.executors import executor_for
-from optforge.stage_job import machine_share, resources_for
+from optforge.stage_job import machine_lock_path, machine_share, resources_for
 from optforge.stages.registry import get_kind
 from optforge_testing import TINY
 
@@ -70,6 +70,16 @@ def test_a_timing_stage_has_the_machine_to_itself(tmp_path):
     for t in (train, bench, evaluate):
         t.join()
     assert events == ["train+", "train-", "bench+", "bench-", "eval+", "eval-"]
+
+
+def test_a_cuda_timing_stage_locks_its_gpu_not_the_machine():
+    """CPU builds: one lock per machine; CUDA builds: one per GPU (the worker's first visible GPU)."""
+    cpu = machine_lock_path("cpu", {"CUDA_VISIBLE_DEVICES": "1"})
+    gpu0, gpu1 = machine_lock_path("cuda", {"CUDA_VISIBLE_DEVICES": "0"}), machine_lock_path("cuda", {"CUDA_VISIBLE_DEVICES": "1"})
+    assert len({cpu, gpu0, gpu1}) == 3
+    assert machine_lock_path("cuda", {}) == gpu0  # unset: torch's cuda:0 is GPU 0
+    assert machine_lock_path("cuda", {"CUDA_VISIBLE_DEVICES": "1,0"}) == gpu1
+    assert machine_lock_path("cuda", {"CUDA_VISIBLE_DEVICES": "GPU-ab/c"}).name.startswith("optforge-gpu-GPU-ab_c-")
 
 
 def test_user_mistakes_are_one_line(monkeypatch):
