@@ -1,7 +1,8 @@
 """Thin Click commands: each translates flags into one call and prints its result.
 
 Errors a user can fix (OptforgeError) become one clear line on stderr and exit 2 -- `FILE:LINE:COL:
-error: ...` for a recipe. Anything else is our bug and keeps its traceback (exit 1).
+error: ...` for a recipe. Anything else is our bug and keeps its traceback (exit 1). A build interrupted
+(Ctrl-C) says so in one line and exits 130.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ REMOTE_HELP = ("A remote cache (an fsspec URL: s3://bucket/prefix, gs://..., fil
                "credentials from the backend's usual places, never the URL); `none` turns a configured one off. "
                "Default: $OPTFORGE_REMOTE, else the recipe's cache.remote.")
 remote_option = click.option("--remote", metavar="URL", default=None, help=REMOTE_HELP)
+INTERRUPTED = ("interrupted: the stages that finished are in the lock file; building again goes on from "
+               "them")  # exit 130, as a shell reports SIGINT
 
 
 def echo_error(e: OptforgeError) -> None:
@@ -158,10 +161,14 @@ def build(recipe, device, force, until, dry_run, keep_going, wait, trust_remote_
     remote has is downloaded and checked (size and sha256 of every file) instead of run."""
     from optforge.run import build as run_build
 
-    result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
-                       keep_going=keep_going, wait=wait, display=recipe, remote=remote, push=push,
-                       executor=executor, address=address,
-                       trust_remote_code=trust_remote_code or dry_run)  # a dry run loads no model
+    try:
+        result = run_build(recipe, device=device, force=force, until=until, dry_run=dry_run,
+                           keep_going=keep_going, wait=wait, display=recipe, remote=remote, push=push,
+                           executor=executor, address=address,
+                           trust_remote_code=trust_remote_code or dry_run)  # a dry run loads no model
+    except KeyboardInterrupt:  # the executor has stopped what ran (a local cluster closed with its stages)
+        click.echo(INTERRUPTED, err=True)
+        sys.exit(130)
     sys.exit(result.exit_code)
 
 

@@ -11,13 +11,25 @@ visible GPU, offering `GPU=1`. They share the build's cache directory. With `--a
 the cluster's own, possibly elsewhere: each seals into its own cache, and entries travel through the
 remote cache (optforge.stage_job). Worker logs go to the workers' stderr: a local cluster's are the
 build's terminal.
+
+Ctrl-C: the build's main thread waits for stages on a queue that the futures' callbacks fill, not inside
+Dask, and fetches the results of finished stages with Ctrl-C held until they are in: interrupted inside
+Dask's `sync()` before its coroutine has started, Dask logs a NameError traceback (its cancel callback reads
+a variable not yet set; distributed 2026.8). `close` then cancels what runs and stops a local cluster. Its
+workers (this module is their preload: `dask_setup`, `dask_teardown`) ignore SIGINT, which a terminal's
+Ctrl-C sends them too (they would stop on their own and print tracebacks): the build stops them. Their
+teardown logs nothing (a heartbeat cut short by it logs a traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Optional
@@ -60,6 +72,40 @@ def missing_resources(needs: dict[str, dict[str, int]], offered: list[dict]) -> 
     return None
 
 
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Ctrl-C (SIGINT) inside the block takes effect as it ends; a second one at once. Only in the main
+    thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def hold(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        if pressed:
+            signal.raise_signal(signal.SIGINT)  # to the handler the build had: KeyboardInterrupt, here
+
+
+def dask_setup(worker) -> None:
+    """A local worker, as it starts (the Dask preload hook; its main thread): Ctrl-C is the build's to
+    handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def dask_teardown(worker) -> None:
+    """A local worker, as it closes: its teardown is the build's doing, and no news."""
+    logging.disable(logging.CRITICAL)
+
+
 def _work(job: StageJob, quiet: bool) -> Attempt:
     """The task: the stage in this worker (its logs on the worker's stderr; import noise dropped as the
     build's CLI drops it, unless `optforge --verbose`)."""
@@ -78,6 +124,7 @@ class DaskExecutor:
         self.own_cache = address is not None  # workers elsewhere: entries travel through the remote
         self.cluster = self.client = None
         self.futures: dict = {}  # future -> stage name
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as they finish (their callbacks)
 
     def start(self, needs: dict[str, dict[str, int]]) -> None:
         if self.address is not None:
@@ -114,7 +161,7 @@ class DaskExecutor:
         gpus = visible_gpus() if self.device == "cuda" else []
         workers = {name: {"cls": distributed.Nanny,
                           "options": {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1",
-                                      "silence_logs": logging.ERROR, **spec}}
+                                      "silence_logs": logging.ERROR, "preload": [__name__], **spec}}
                    for name, spec in local_workers(self.device, os.cpu_count() or 1, gpus).items()}
         scheduler = {"cls": distributed.Scheduler,
                      "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": None}}
@@ -125,19 +172,23 @@ class DaskExecutor:
         future = self.client.submit(_work, job, quieted(), key=f"{job.name}-{uuid.uuid4().hex[:12]}", pure=False,
                                     resources=job.resources or None, retries=0)
         self.futures[future] = job.name
+        future.add_done_callback(self.finished.put)
 
     def wait(self) -> list[Attempt]:
-        done, _ = distributed.wait(list(self.futures), return_when="FIRST_COMPLETED")
+        done = [self.finished.get()]  # Ctrl-C while this thread waits here: a plain KeyboardInterrupt
+        while not self.finished.empty():
+            done.append(self.finished.get())
         attempts = []
-        for future in done:
-            name = self.futures.pop(future)
-            try:
-                attempts.append(future.result())
-            except OptforgeError:
-                raise  # what stops a local build too (a device torch cannot see, a cache it cannot write)
-            except Exception as e:  # noqa: BLE001 -- the worker died (KilledWorker), or lost its scheduler
-                attempts.append(Attempt(name, "crashed", reason=f"its Dask worker failed: {type(e).__name__}: "
-                                                                f"{one_line(e)}"))
+        with ctrl_c_held():  # finished: a quick fetch, but through Dask's sync() (module docstring)
+            for future in done:
+                name = self.futures.pop(future)
+                try:
+                    attempts.append(future.result())
+                except OptforgeError:
+                    raise  # what stops a local build too (a device torch cannot see, a cache it cannot write)
+                except Exception as e:  # noqa: BLE001 -- the worker died (KilledWorker), or lost its scheduler
+                    attempts.append(Attempt(name, "crashed", reason=f"its Dask worker failed: "
+                                                                    f"{type(e).__name__}: {one_line(e)}"))
         return attempts
 
     def close(self) -> None:

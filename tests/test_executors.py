@@ -5,8 +5,11 @@ one; failures, keep-going and stop behave as locally; user mistakes are one line
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -14,13 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from optforge.cache import Cache
+from optforge.cli import INTERRUPTED
 from optforge.errors import ExecutorError
 from optforge.executors import executor_for
+from optforge.lockfile import read_lock
 from optforge.stage_job import machine_lock_path, machine_share, resources_for
 from optforge.stages.registry import get_kind
 from optforge_testing import TINY
+from test_cli import entries, wait_for_line
 
 distributed = pytest.importorskip("distributed")
+psutil = pytest.importorskip("psutil")  # a dependency of distributed
 
 from optforge.dask_executor import local_workers, missing_resources, visible_gpus  # noqa: E402
 
@@ -184,3 +192,64 @@ def test_workers_elsewhere_move_entries_through_the_remote_cache(cli, optforge_e
     # every stage: data and teacher published by the build (the workers' inputs), the rest by the workers
     stages = json.loads(toy.with_suffix(".lock").read_text())["stages"]
     assert len(list((tmp_path / "remote" / "entries").glob("*/*.json"))) == len(stages) == 21
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Still running (a zombie no container init reaps is dead; a pid reused since is not that process)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["build", "process-group"])
+def test_ctrl_c_closes_the_local_cluster_with_its_stages(cli, optforge_env, fake_kinds, group):
+    """SIGINT to a `--executor dask` build while a stage runs in a worker (distill, sleeping), sent to the
+    build alone, or to its process group as a terminal's Ctrl-C is (the workers get it too): the build stops
+    its local cluster (no worker process outlives it) and exits 130 saying it was interrupted, with no
+    traceback; its lock file holds only the stages that finished, and a local build afterwards reuses them
+    and runs the rest, the interrupted stage's half-written output never trusted."""
+    toy = fake_kinds.write_toy(optforge_env.root / "recipes")
+    started = optforge_env.root / "started.txt"
+    build = cli("build", toy, "--executor", "dask", env={"FAKE_SLEEP": "distill:60", "FAKE_STARTED": str(started)},
+                background=True, start_new_session=group)
+    children: list[psutil.Process] = []
+    try:
+        wait_for_line(started, "distill", build)
+        children = psutil.Process(build.pid).children(recursive=True)  # the workers, multiprocessing's tracker
+        assert len(children) >= len(local_workers("cpu", os.cpu_count() or 1, [])), children
+        if group:
+            os.killpg(build.pid, signal.SIGINT)
+        else:
+            build.send_signal(signal.SIGINT)
+        out, err = build.communicate(timeout=60)
+    except BaseException:  # a hang, or it died early: leave nothing running
+        for proc in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        build.kill()
+        raise
+    assert build.returncode == 130, (build.returncode, out, err)
+    assert "Traceback" not in out + err, err
+    assert err.strip().splitlines() == [INTERRUPTED]  # nothing from the workers' teardown either
+    deadline = time.monotonic() + 30
+    while any(map(_alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in children if _alive(c)], "worker processes outlived the interrupted build"
+
+    ran = [ln.split()[1] for ln in out.splitlines() if ln.startswith("ran ")]
+    lock = read_lock(toy.with_suffix(".lock"))["stages"]
+    assert set(lock) == set(ran) and "distill" not in lock  # what finished, and nothing else
+    assert {"data", "teacher", "student", "teacher_logits"} <= set(lock)  # distill's inputs, done before it
+    assert not any("error" in record for record in lock.values())
+
+    resumed = cli("build", toy)
+    assert resumed.returncode == 0, resumed.stderr
+    cached = {ln.split()[1] for ln in resumed.stdout.splitlines() if ln.startswith("cached ")}
+    # and any a worker sealed whole after the interrupt, before its cluster closed (recorded by no build)
+    assert set(lock) <= cached and "distill" not in cached
+    assert "distill" in [ln.split()[1] for ln in resumed.stdout.splitlines() if ln.startswith("ran ")]
+    assert not any(Cache().tmp.iterdir())  # the killed worker's half-written output: swept, never read
+    clean = cli("build", toy, env={"OPTFORGE_CACHE": str(optforge_env.root / "clean-cache")})
+    assert clean.returncode == 0, clean.stderr
+    assert entries(optforge_env.cache) == entries(optforge_env.root / "clean-cache")
