@@ -239,7 +239,9 @@ def test_ctrl_c_closes_the_local_cluster_with_its_stages(cli, optforge_env, fake
 
     ran = [ln.split()[1] for ln in out.splitlines() if ln.startswith("ran ")]
     lock = read_lock(toy.with_suffix(".lock"))["stages"]
-    assert set(lock) == set(ran) and "distill" not in lock  # what finished, and nothing else
+    # what finished, and nothing else: a stage is recorded before its line is printed, so a Ctrl-C between
+    # the two leaves one in the lock file that the output does not name (the resumed build below finds it whole)
+    assert set(ran) <= set(lock) and "distill" not in lock
     assert {"data", "teacher", "student", "teacher_logits"} <= set(lock)  # distill's inputs, done before it
     assert not any("error" in record for record in lock.values())
 
