@@ -163,8 +163,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
                                               ("int8-weight-only", "bf16"), ("int4-weight-only", "bf16"),
                                               ("int4-weight-only", "fp32"), ("float8", "bf16")])
 def test_method_on_cuda(run_stage, tmp_path, tiny_model, method, precision):
-    """Definite outcomes where they are known (CPU-only method, fp8 capability, tinygemm's bf16); for the
-    rest: logits within 10% of the float model's, or a StageFailure whose reason is one line."""
+    """Definite outcomes: a StageFailure naming why for the CPU-only method, int4 in fp32 (tinygemm
+    computes in bf16) and float8 below sm 8.9; every other method quantizes, logits within 10% of the
+    float model's (on an H100 the sst2 and tinylm CUDA builds quantize with int8-dynamic, int8-weight-only
+    and int4-weight-only in bf16)."""
     params = {"method": method, "precision": precision, "group_size": 32}
     fp8_capable = torch.cuda.get_device_capability() >= (8, 9)
     expected_failure = {("torch-int8-dynamic", "fp32"): "runs on CPU only",
@@ -175,11 +177,7 @@ def test_method_on_cuda(run_stage, tmp_path, tiny_model, method, precision):
         with pytest.raises(StageFailure, match=expected_failure):
             run_stage("quantize", params, tmp_path / "q", {"model": tiny_model}, device="cuda")
         return
-    try:
-        metrics = run_stage("quantize", params, tmp_path / "q", {"model": tiny_model}, device="cuda")
-    except StageFailure as e:
-        assert method != "float8" and "\n" not in str(e) and str(e).startswith(method)
-        return
+    metrics = run_stage("quantize", params, tmp_path / "q", {"model": tiny_model}, device="cuda")
     assert metrics["logit_max_abs_diff"] <= 0.1 * metrics["logit_scale"]
     runnable = load_runnable(tmp_path / "q", "cuda", precision)
     assert torch.isfinite(runnable.forward(runnable.encode(TEXTS))).all()
