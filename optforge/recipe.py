@@ -827,6 +827,10 @@ def _task_problems(r: Recipe) -> list[tuple[tuple, str]]:
             out.append((path + ("embedding_grad",), f"{lm} trains its embeddings with dense AdamW "
                                                      f"(optforge.lm.train); `embedding_grad` is for classification "
                                                      f"recipes; remove it"))
+        for option in ("layer_lr_decay", "average_last"):
+            if getattr(spec, option) is not None:
+                out.append((path + (option,), f"{lm} trains with its own loop (optforge.lm.train), which has no "
+                                              f"`{option}`; it is for classification recipes; remove it"))
     ft = r.teacher.finetune
     if r.teacher.config is not None and isinstance(ft, TrainSpec) and ft.freeze_embeddings:
         out.append((("teacher", "finetune", "freeze_embeddings"),

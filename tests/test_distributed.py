@@ -53,8 +53,10 @@ def test_a_bad_devices_value_is_a_located_recipe_error(tmp_path, value, message)
     ("devices: 2", r"teacher\.finetune\.devices: a causal-lm recipe trains on one device"),
     ("embedding_grad: sparse", r"teacher\.finetune\.embedding_grad: a causal-lm recipe trains its embeddings "
                                r"with dense AdamW"),
+    ("layer_lr_decay: 0.8", r"teacher\.finetune\.layer_lr_decay: a causal-lm recipe trains with its own loop"),
+    ("average_last: 0.25", r"teacher\.finetune\.average_last: a causal-lm recipe trains with its own loop"),
 ])
-def test_a_causal_lm_recipe_refuses_devices_and_embedding_grad(tmp_path, knob, refusal):
+def test_a_causal_lm_recipe_refuses_the_classifier_training_options(tmp_path, knob, refusal):
     text = f"""\
 name: lm
 task: causal-lm
