@@ -146,13 +146,21 @@ class Build:
                 if any(q.key == p.key for q in running.values()):
                     continue  # an equal stage is being made: use its entry when it is
                 pending.remove(p)
-                if not self._settle(p):
+                if self._settle(p):
+                    done.add(p.name)
+                elif executor.own_cache and self.s.graph[p.name].data_files:
+                    # it reads files named by paths on this machine: it runs here, and the workers that
+                    # need its entry get it through the remote (published with their job's inputs)
+                    here = LocalExecutor(self.echo, self.log)
+                    here.submit(self._job(p, here))
+                    for attempt in here.wait():
+                        self._finish(p, attempt, here)
+                    done.add(p.name)
+                else:
                     executor.submit(self._job(p, executor))
                     running[p.name] = p
                     if not executor.concurrent:
                         break
-                else:
-                    done.add(p.name)
             if running:
                 for attempt in executor.wait():
                     self._finish(running.pop(attempt.name), attempt, executor)

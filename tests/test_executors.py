@@ -194,6 +194,23 @@ def test_workers_elsewhere_move_entries_through_the_remote_cache(cli, optforge_e
     assert len(list((tmp_path / "remote" / "entries").glob("*/*.json"))) == len(stages) == 21
 
 
+def test_workers_elsewhere_never_run_a_stage_that_reads_this_machines_files(cli, optforge_env, fake_kinds, tmp_path):
+    """--address: the data stage reads files by this machine's paths, so the build runs it itself and the
+    workers get its entry through the remote; here a worker that ran it would fail it (FAKE_FAIL in the
+    workers' environment only)."""
+    toy = fake_kinds.write_toy(optforge_env.root / "recipes")
+    reference = fake_kinds.write_toy(tmp_path / "reference" / "recipes")
+    assert cli("build", reference, cwd=reference.parents[1], env={"OPTFORGE_CACHE": str(tmp_path / "ref-cache")}).returncode == 0
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  resources={"cpu_bench": 1},
+                                  env={"OPTFORGE_CACHE": str(tmp_path / "worker-cache"), "FAKE_FAIL": "data"}) as cluster:
+        built = cli("build", toy, "--executor", "dask", "--address", cluster.scheduler_address,
+                    "--remote", f"file://{tmp_path / 'remote'}")
+    assert built.returncode == 0, built.stderr
+    assert "ran     data" in built.stdout and "failed" not in built.stdout
+    assert toy.with_suffix(".lock").read_bytes() == reference.with_suffix(".lock").read_bytes()
+
+
 def _alive(proc: psutil.Process) -> bool:
     """Still running (a zombie no container init reaps is dead; a pid reused since is not that process)."""
     try:
