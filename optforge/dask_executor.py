@@ -12,10 +12,12 @@ the cluster's own, possibly elsewhere: each seals into its own cache, and entrie
 remote cache (optforge.stage_job). Worker logs go to the workers' stderr: a local cluster's are the
 build's terminal.
 
-Ctrl-C: the build's main thread waits for stages on a queue that the futures' callbacks fill, not inside
-Dask, and fetches the results of finished stages with Ctrl-C held until they are in: interrupted inside
-Dask's `sync()` before its coroutine has started, Dask logs a NameError traceback (its cancel callback reads
-a variable not yet set; distributed 2026.8). `close` then cancels what runs and stops a local cluster. Its
+Ctrl-C: while the executor runs, SIGINT only sets a flag (a second one raises at once), and the build's
+main thread, waiting for stages on a queue that the futures' callbacks fill (not inside Dask), raises
+KeyboardInterrupt there, at a point where nothing is half done. Raised wherever the signal lands, it was
+lost when it landed in Dask's garbage-collection callback ("Exception ignored", the build then waited for
+the running stage), and inside Dask's `sync()` Dask logged a NameError traceback (distributed 2026.8).
+`close` then cancels what runs and stops a local cluster. Its
 workers (this module is their preload: `dask_setup`, `dask_teardown`) ignore SIGINT, which a terminal's
 Ctrl-C sends them too (they would stop on their own and print tracebacks): the build stops them. Their
 teardown logs nothing (a heartbeat cut short by it logs a traceback).
@@ -72,29 +74,6 @@ def missing_resources(needs: dict[str, dict[str, int]], offered: list[dict]) -> 
     return None
 
 
-@contextlib.contextmanager
-def ctrl_c_held():
-    """Ctrl-C (SIGINT) inside the block takes effect as it ends; a second one at once. Only in the main
-    thread, where Python runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = []
-
-    def hold(signum, frame):
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(signum)
-
-    previous = signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-        if pressed:
-            signal.raise_signal(signal.SIGINT)  # to the handler the build had: KeyboardInterrupt, here
-
-
 def dask_setup(worker) -> None:
     """A local worker, as it starts (the Dask preload hook; its main thread): Ctrl-C is the build's to
     handle."""
@@ -125,8 +104,17 @@ class DaskExecutor:
         self.cluster = self.client = None
         self.futures: dict = {}  # future -> stage name
         self.finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as they finish (their callbacks)
+        self.interrupted = False  # Ctrl-C seen (`_on_sigint`); `wait` raises it
+        self._sigint = None  # the SIGINT handler before start(), while ours is installed
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C: at once, wherever it lands
+            raise KeyboardInterrupt
+        self.interrupted = True
 
     def start(self, needs: dict[str, dict[str, int]]) -> None:
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            self._sigint = signal.signal(signal.SIGINT, self._on_sigint)
         if self.address is not None:
             try:
                 # Dask's connect timeout (30 s; DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT sets it)
@@ -175,23 +163,30 @@ class DaskExecutor:
         future.add_done_callback(self.finished.put)
 
     def wait(self) -> list[Attempt]:
-        done = [self.finished.get()]  # Ctrl-C while this thread waits here: a plain KeyboardInterrupt
+        done = []
+        while not done:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            with contextlib.suppress(queue.Empty):
+                done.append(self.finished.get(timeout=0.1))
         while not self.finished.empty():
             done.append(self.finished.get())
         attempts = []
-        with ctrl_c_held():  # finished: a quick fetch, but through Dask's sync() (module docstring)
-            for future in done:
-                name = self.futures.pop(future)
-                try:
-                    attempts.append(future.result())
-                except OptforgeError:
-                    raise  # what stops a local build too (a device torch cannot see, a cache it cannot write)
-                except Exception as e:  # noqa: BLE001 -- the worker died (KilledWorker), or lost its scheduler
-                    attempts.append(Attempt(name, "crashed", reason=f"its Dask worker failed: "
-                                                                    f"{type(e).__name__}: {one_line(e)}"))
+        for future in done:
+            name = self.futures.pop(future)
+            try:
+                attempts.append(future.result())
+            except OptforgeError:
+                raise  # what stops a local build too (a device torch cannot see, a cache it cannot write)
+            except Exception as e:  # noqa: BLE001 -- the worker died (KilledWorker), or lost its scheduler
+                attempts.append(Attempt(name, "crashed", reason=f"its Dask worker failed: "
+                                                                f"{type(e).__name__}: {one_line(e)}"))
         return attempts
 
     def close(self) -> None:
+        if self._sigint is not None:  # Ctrl-C is the build's again (a KeyboardInterrupt) once we stop
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
         if self.client is not None:
             if self.futures:
                 self.client.cancel(list(self.futures))
