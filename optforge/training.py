@@ -85,22 +85,21 @@ def word_embeddings(model: nn.Module) -> list[nn.Embedding]:
 
 def layer_lr_scales(model: nn.Module, decay: Optional[float]) -> dict[int, float]:
     """id(parameter) -> its learning-rate factor under layer-wise decay `decay` (TrainSpec.layer_lr_decay):
-    transformer layer i of L gets decay^(L - i), the embeddings decay^(L + 1), everything else (the head,
-    a pooler) 1. Empty when `decay` is None or 1 (one lr for every parameter)."""
+    transformer layer i of L gets decay^(L - i); the rest of the encoder below the layers (embeddings, an
+    embedding projection) decay^(L + 1); the pooler and the head 1. Empty when `decay` is None or 1."""
     if decay is None or decay == 1:
         return {}
     from optforge import arch
-    from optforge.modeling import encoder_layers
 
-    layers = encoder_layers(model, "layer-wise learning-rate decay")
-    scales: dict[int, float] = {}
-    for i, layer in enumerate(layers):
-        for p in layer.parameters():
-            scales[id(p)] = decay ** (len(layers) - i)
+    adapter = arch.adapter_for(model, "layer-wise learning-rate decay")
     encoder = arch.encoder_of(model)
-    embeddings = getattr(encoder, "embeddings", None)
-    for p in (embeddings.parameters() if embeddings is not None else ()):
-        scales[id(p)] = decay ** (len(layers) + 1)
+    layers = adapter.layers(encoder)
+    pooler = adapter.pooler_module(encoder)
+    scales = {id(p): 1.0 for p in (pooler.parameters() if pooler is not None else ())}
+    for i, layer in enumerate(layers):
+        scales.update((id(p), decay ** (len(layers) - i)) for p in layer.parameters())
+    for p in encoder.parameters():
+        scales.setdefault(id(p), decay ** (len(layers) + 1))
     return scales
 
 
