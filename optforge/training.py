@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from optforge.batching import length_bucketed_batches, shard_batch, sorted_batches
-from optforge.cpu_dropout import CPUDropout
 from optforge.metrics import classification_metrics
 from optforge.tokens import pad_batch, tokenize
 
@@ -214,16 +213,14 @@ def no_cudnn_attention():
 
 def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, device: str, pad_id: int,
           teacher_logits: Optional[torch.Tensor] = None, temperature: float = 1.0, alpha: float = 0.0,
-          bar: Optional[Callable] = None, desc: str = "train", rank=None, native_dropout: bool = False) -> dict:
+          bar: Optional[Callable] = None, desc: str = "train", rank=None) -> dict:
     """Train `model` in place on pre-tokenized examples with a TrainSpec/DistillSpec `spec`.
 
     With `teacher_logits` ([N, C], row i = example i) the loss is `distillation_loss`, else cross-entropy.
     Fractional epochs are allowed: training stops after ceil(epochs * batches_per_epoch) steps.
     `spec.devices` > 1 (or $OPTFORGE_TRAIN_DEVICES): the same training data-parallel in that many processes
     (optforge.distributed), each calling this with its `rank` (a distributed.Rank): it trains on its
-    share of every batch (batching.shard_batch) through DDP; the batches and steps are the same.
-    On a CPU, dropout draws its masks through `optforge.cpu_dropout` (`native_dropout=True`: PyTorch's own,
-    for comparison: benchmarks/cpu_dropout.py)."""
+    share of every batch (batching.shard_batch) through DDP; the batches and steps are the same."""
     if rank is None:
         from optforge import distributed
         from optforge.errors import OptforgeError
@@ -235,8 +232,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
         if n > 1:
             return distributed.train_data_parallel(n, train, bar, dict(
                 model=model, ids=ids, labels=labels, spec=spec, device=device, pad_id=pad_id,
-                teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, desc=desc,
-                native_dropout=native_dropout))
+                teacher_logits=teacher_logits, temperature=temperature, alpha=alpha, desc=desc))
     configure_threads()
     set_seed(spec.seed + (rank.index if rank is not None else 0))  # dropout: each rank its own masks
     model.to(device).train()
@@ -280,9 +276,7 @@ def train(model: nn.Module, ids: list[list[int]], labels: list[int], spec, devic
                 progress.update(len(pending))
             pending.clear()
 
-    # On a CPU the dropout masks come from optforge.cpu_dropout (one random draw per four elements,
-    # not one per element: PyTorch's bernoulli_ was 20% of a teacher step on the 2-core Xeon)
-    with no_cudnn_attention() if cuda else (contextlib.nullcontext() if native_dropout else CPUDropout()):
+    with no_cudnn_attention() if cuda else contextlib.nullcontext():
         while steps < total:
             for batch in length_bucketed_batches(lengths, spec.batch_size, rng):
                 if steps == total:

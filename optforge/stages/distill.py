@@ -35,4 +35,4 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-KIND = StageKind(kind="distill", version="3", params_model=DistillSpec, run=run)
+KIND = StageKind(kind="distill", version="2", params_model=DistillSpec, run=run)

@@ -119,7 +119,7 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-KIND = StageKind(kind="prune", version="3", params_model=PruneParams, run=run)
+KIND = StageKind(kind="prune", version="2", params_model=PruneParams, run=run)
 
 
 # --------------------------------------------------------------------------- counting

@@ -96,4 +96,4 @@ def build(spec: TeacherSpec, data, tokenizer, metrics: dict, log) -> tuple:
     return model, spec.model or "random-init", finetune
 
 
-KIND = StageKind(kind="teacher", version="3", params_model=TeacherSpec, run=run)
+KIND = StageKind(kind="teacher", version="2", params_model=TeacherSpec, run=run)
