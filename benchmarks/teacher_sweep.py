@@ -7,11 +7,11 @@ gradient (dense AdamW / sparse SparseAdam), each scored on the GLUE SST-2 dev sp
         --variants "base;average_last=0.25;layer_lr_decay=0.8" --distill-seeds 0,1,2 --distill-embeddings frozen
 
 A variant is a set of TrainSpec options (`base`: none) applied to the teacher: `lr`, `batch_size`,
-`warmup`, `weight_decay`, `epochs`, `freeze_embeddings` (0/1), `precision` (bf16/fp32) replace the
-recipe's teacher setting;
-`layer_lr_decay` and `average_last` apply to its distillation too. Each variant's first-seed teacher is
-distilled with every --distill-seeds seed; with --distill-each, every teacher is distilled once, with its
-own seed (the student's mean then spreads over teachers as well as distillation seeds).
+`warmup`, `weight_decay`, `epochs`, `freeze_embeddings` (0/1) and `precision` (bf16/fp32) replace the
+recipe's teacher setting; `layer_lr_decay` and `average_last` apply to its distillation too. Each
+variant's first-seed teacher is distilled with every --distill-seeds seed; with --distill-each, every
+teacher is distilled once, with its own seed (the student's mean then spreads over teachers as well as
+distillation seeds).
 
     python benchmarks/teacher_sweep.py --data ../shared/data/sst2 --device cuda --seeds 0,1,2,3,4 \
         --variants "base;lr=1e-4;lr=1e-4,batch_size=32;freeze_embeddings=1" --distill-each --distill-embeddings frozen
@@ -21,8 +21,8 @@ package, mean pooling, a new head initialised from the seed, 1 epoch at batch 64
 0.01, word embeddings trained, bf16 autocast) through `optforge.training.train`; then, from the
 teacher at --distill-teacher-lr (first seed), the teacher logits and the recipe's distillation (layers 0, 2, 4; T 2, alpha 0.7,
 1 epoch, batch 64, lr 2e-4) per embedding gradient and distillation seed. A single run's dev accuracy
-moves with the seed (sd 0.4-0.9 points over 10 seeds on a GPU), so a setting is judged by its mean over seeds, never by its
-best run: choosing a seed by its dev score would be fitting the dev split.
+moves with the seed (sd 0.4-0.9 points over 10 seeds on a GPU), so a setting is judged by its mean over
+seeds, never by its best run: choosing a seed by its dev score would be fitting the dev split.
 
 Printed: a table of dev accuracy and examples/s per run, then the mean and range per setting; --out
 writes the runs as JSON. On a CUDA GPU the accuracies follow the CPU's closely but not bit for bit (bf16
