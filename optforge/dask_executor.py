@@ -17,7 +17,8 @@ main thread, waiting for stages on a queue that the futures' callbacks fill (not
 KeyboardInterrupt there, at a point where nothing is half done. Raised wherever the signal lands, it was
 lost when it landed in Dask's garbage-collection callback ("Exception ignored", the build then waited for
 the running stage), and inside Dask's `sync()` Dask logged a NameError traceback (distributed 2026.8).
-`close` then cancels what runs and stops a local cluster. Its
+`close` then cancels what runs and stops a local cluster (and raises a Ctrl-C that came after the last
+`wait`, so such a build still ends interrupted). Its
 workers (this module is their preload: `dask_setup`, `dask_teardown`) ignore SIGINT, which a terminal's
 Ctrl-C sends them too (they would stop on their own and print tracebacks): the build stops them. Their
 teardown logs nothing (a heartbeat cut short by it logs a traceback).
@@ -104,7 +105,8 @@ class DaskExecutor:
         self.cluster = self.client = None
         self.futures: dict = {}  # future -> stage name
         self.finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as they finish (their callbacks)
-        self.interrupted = False  # Ctrl-C seen (`_on_sigint`); `wait` raises it
+        self.interrupted = False  # Ctrl-C seen (`_on_sigint`); `wait` raises it, else `close`
+        self._raised = False  # that KeyboardInterrupt has been raised
         self._sigint = None  # the SIGINT handler before start(), while ours is installed
 
     def _on_sigint(self, signum, frame) -> None:
@@ -166,6 +168,7 @@ class DaskExecutor:
         done = []
         while not done:
             if self.interrupted:
+                self._raised = True
                 raise KeyboardInterrupt
             with contextlib.suppress(queue.Empty):
                 done.append(self.finished.get(timeout=0.1))
@@ -194,3 +197,6 @@ class DaskExecutor:
         if self.cluster is not None:
             self.cluster.close()
         self.client = self.cluster = None
+        if self.interrupted and not self._raised:  # Ctrl-C after the last wait(): still an interrupted build
+            self._raised = True
+            raise KeyboardInterrupt

@@ -211,6 +211,26 @@ def test_workers_elsewhere_never_run_a_stage_that_reads_this_machines_files(cli,
     assert toy.with_suffix(".lock").read_bytes() == reference.with_suffix(".lock").read_bytes()
 
 
+def test_a_ctrl_c_after_the_last_wait_still_interrupts_the_build():
+    """Ctrl-C sets a flag that wait() raises; one pressed after the last wait() is raised by close(), once."""
+    from optforge.dask_executor import DaskExecutor
+
+    late = DaskExecutor(None, "cpu", lambda _: None)
+    late._on_sigint(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        late.close()
+    late.close()  # raised once: a second close is quiet
+
+    early = DaskExecutor(None, "cpu", lambda _: None)
+    early._on_sigint(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        early.wait()
+    early.close()  # already raised by wait(): close only cleans up
+
+    quiet = DaskExecutor(None, "cpu", lambda _: None)
+    quiet.close()
+
+
 def _alive(proc: psutil.Process) -> bool:
     """Still running (a zombie no container init reaps is dead; a pid reused since is not that process)."""
     try:
